@@ -1,0 +1,35 @@
+# Two entry points, both idempotent: `make run` (set up, then train on the offline default)
+# and `make test` (set up with the dev extra, then run the whole suite).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch pair this project is developed and tested with; override for another platform,
+# e.g. `make run TORCH="torch torchvision"`.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup dev run test bench clean
+
+$(VENV)/.setup: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.setup
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.setup
+dev: $(VENV)/.dev
+
+run: setup
+	$(PY) -m lcredit.train $(ARGS)
+
+test: dev
+	$(PY) -m pytest $(ARGS)
+
+bench: setup
+	$(PY) scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun

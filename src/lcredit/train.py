@@ -1,0 +1,227 @@
+"""Train one learning rule: ``python -m lcredit.train method=fa model.depth=8 seed=1,2 -m``.
+
+``train(cfg)`` is a plain function (tests call it in-process); ``main`` is the Hydra entry.
+This is the one place that instantiates models, rules, tasks, loggers and callbacks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import lcredit
+from lcredit.data import DeviceBatches, batching, build_task, check_kwargs
+from lcredit.errors import ConfigError
+
+log = logging.getLogger("lcredit")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "64-true", "64")
+
+# Sweep job dirs read `method=fa,model.depth=8/seed=1`; a sweep over seeds alone: `defaults/seed=1`.
+if not OmegaConf.has_resolver("lcredit_subdir"):
+    OmegaConf.register_new_resolver("lcredit_subdir", lambda s: s or "defaults")
+
+
+def versions() -> dict:
+    import hydra as _hydra
+    import lightning
+    import torchvision
+
+    out = {"lcredit": lcredit.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "lightning": lightning.__version__, "hydra": _hydra.__version__}
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5).stdout.strip() or None
+        out["git_dirty"] = bool(subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def _check_trainer(tcfg: dict) -> None:
+    import lightning as L
+
+    check_kwargs(L.Trainer.__init__, tcfg, "trainer")
+    precision = str(tcfg.get("precision", "32-true"))
+    if precision not in SUPPORTED_PRECISION:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not supported: local rules write gradients "
+            f"directly, so fp16 loss scaling cannot apply. Use one of "
+            f"{', '.join(SUPPORTED_PRECISION)}.")
+    if tcfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer=gpu but no CUDA device is available here; use trainer=cpu")
+
+
+def _device(tcfg: dict) -> torch.device:
+    return torch.device("cuda" if tcfg.get("accelerator") in ("gpu", "cuda") else "cpu")
+
+
+def _instantiate_group(group: str, node: DictConfig, **extra):
+    """Instantiate ``node`` after checking its keys against the target's signature."""
+    if "_target_" not in node:
+        raise ConfigError(f"{group}: no _target_ (choose one with {group}=<name>)")
+    target = get_class(node._target_)
+    opts = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    check_kwargs(target.__init__, opts, group)
+    return instantiate(node, **extra, _convert_="all")
+
+
+def build_rule(cfg: DictConfig, task):
+    model = _instantiate_group("model", cfg.model, input_shape=task.input_shape,
+                               num_classes=task.num_classes)
+    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
+    return _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
+                              num_classes=task.num_classes, optimizer=optimizer)
+
+
+def _loggers(cfg):
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is not None and "_target_" in node:
+            out.append(instantiate(node))
+    return out or False
+
+
+def _callbacks(cfg, progress_bar: bool):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    cbs = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()
+           if node is not None and "_target_" in node]
+    # trainer.enable_progress_bar=false wins over a progress bar in the callbacks group.
+    return [cb for cb in cbs if progress_bar or not isinstance(cb, ProgressBar)]
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train ``cfg.method`` on ``cfg.data`` with ``cfg.model``; write and return results."""
+    import lightning as L
+
+    start = time.perf_counter()
+    # Hydra's root handler already prints Lightning's messages; don't print them twice.
+    logging.getLogger("lightning.pytorch").propagate = False
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume = cfg.get("resume")
+    if resume is not None and not Path(resume).is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint file")
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    _check_trainer(tcfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    L.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    bcfg = batching(cfg.data)
+    task = build_task(cfg.data).to(_device(tcfg))
+    rule = build_rule(cfg, task)
+    rule.run_config = resolved
+
+    train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
+                                  seed=int(cfg.seed), random_targets=bcfg["random_targets"],
+                                  num_classes=task.num_classes)
+    test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"], shuffle=False)
+    trainer = L.Trainer(**tcfg, logger=_loggers(cfg), callbacks=_callbacks(cfg, tcfg.get("enable_progress_bar", True)),
+                        default_root_dir=str(out_dir), num_sanity_val_steps=0,
+                        enable_model_summary=False)
+    trainer.fit(rule, train_dataloaders=train_batches, val_dataloaders=test_batches,
+                ckpt_path=resume)
+
+    history = rule.history
+    last = history[-1] if history else {}
+    status = "diverged" if any(r.get("status") == "diverged" for r in history) else "completed"
+    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    results = {
+        "status": status,
+        "rule": rule.name,
+        "task": task.name,
+        "seed": int(cfg.seed),
+        "final": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        | {"epochs": len(history)},
+        "history": history,
+        "wall_time_s": time.perf_counter() - start,
+        "train_time_s": sum(r["train_time_s"] for r in history),
+        "resumed_from": str(resume) if resume else None,
+        "checkpoint": str(ckpt) if ckpt.exists() else None,
+        "output_dir": str(out_dir),
+        "config": resolved,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
+    write_json(out_dir / "results.json", results)
+    print_summary(results, out_dir)
+    return results
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic write; non-finite floats become null (valid JSON) rather than NaN tokens."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2))
+    tmp.replace(path)
+
+
+def print_summary(results: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['rule']} on {results['task']} (seed {results['seed']}) "
+                        f"— {results['status']}")
+    for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "train s"):
+        table.add_column(col, justify="right")
+    for r in results["history"]:
+        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
+                      f"{r['test_loss']:.4f}", f"{r['test_acc']:.4f}", f"{r['train_time_s']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"results: {out_dir / 'results.json'}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        train(cfg)
+    except ConfigError as err:
+        print(f"lcredit: error: {err}", file=sys.stderr)
+        if not multirun:
+            raise SystemExit(2) from None
+        _record_failure(cfg, err)
+    except Exception as err:  # noqa: BLE001 — one failed job must not end a sweep
+        if not multirun:
+            raise
+        log.exception("job failed; the sweep carries on")
+        _record_failure(cfg, err)
+
+
+def _record_failure(cfg: DictConfig, err: Exception) -> None:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", {
+        "status": "failed", "error": f"{type(err).__name__}: {err}", "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=False), "versions": versions()})
+
+
+if __name__ == "__main__":
+    main()
