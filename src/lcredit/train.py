@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,7 +80,13 @@ def _instantiate_group(group: str, node: DictConfig, **extra):
     target = get_class(node._target_)
     opts = {k: v for k, v in node.items() if not str(k).startswith("_")}
     check_kwargs(target.__init__, opts, group)
-    return instantiate(node, **extra, _convert_="all")
+    try:
+        return instantiate(node, **extra, _convert_="all")
+    except InstantiationException as err:
+        # Hydra wraps a constructor's error; a ConfigError underneath is the message to show.
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_rule(cfg: DictConfig, task):

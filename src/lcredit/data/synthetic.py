@@ -35,3 +35,21 @@ def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: f
     w_out = torch.randn(num_classes, d, generator=g) / d**0.5
     y = (z @ w_out.T).argmax(1)
     return Task("ladder", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes)
+
+
+def gaussian_images(shape=(3, 32, 32), num_classes: int = 10, n_train: int = 50000,
+                    n_test: int = 10000, seed: int = 0) -> Task:
+    """Image-shaped Gaussian inputs labelled by a fixed random linear teacher.
+
+    A stand-in with CIFAR's shapes and sizes, for benchmarks and smoke tests where the real
+    files are not at hand; it says nothing about CIFAR itself.
+    """
+    shape = tuple(int(s) for s in shape)
+    check_range("data.num_classes", num_classes, 2)
+    check_range("data.n_train", n_train, 1)
+    check_range("data.n_test", n_test, 1)
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(n_train + n_test, *shape, generator=g)
+    w = torch.randn(num_classes, x[0].numel(), generator=g)
+    y = (x.flatten(1) @ w.T).argmax(1)
+    return Task("gaussian_images", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes)

@@ -29,6 +29,11 @@ from lcredit.errors import check_range
 from lcredit.models.base import BlockModel, block_branch
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses and credits are formed in float32 or better, even under bf16 autocast."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -59,7 +64,7 @@ class Pass:
     @property
     def error(self) -> torch.Tensor:
         """e = d(per-sample CE)/d logits = softmax(logits) - onehot(y)."""
-        e = torch.softmax(self.logits.float(), dim=-1)
+        e = torch.softmax(at_least_fp32(self.logits), dim=-1)
         return e - F.one_hot(self.y, e.shape[-1]).to(e.dtype)
 
 
@@ -86,8 +91,8 @@ class Rule(L.LightningModule):
         self.penalty_lam = float(penalty_lam)
         self.state_shapes = self._probe_state_shapes()
         self.train_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
+        self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
         self.history: list[dict] = []
         self.run_config: dict | None = None
         self.log_every = 50
@@ -114,7 +119,7 @@ class Rule(L.LightningModule):
 
     # ---------------------------------------------------------------- the shared update
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(at_least_fp32(logits), y)
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor):
         """Fill ``.grad`` of every trained parameter; return (batch-mean loss, logits)."""
@@ -174,7 +179,7 @@ class Rule(L.LightningModule):
 
     def penalty(self, blocks, ins, outs) -> torch.Tensor:
         """penalty_lam * sum over blocks of mean_batch ||f_l(h_l)||^2."""
-        terms = [block_branch(b, i, o).float().pow(2).flatten(1).sum(1).mean()
+        terms = [at_least_fp32(block_branch(b, i, o)).pow(2).flatten(1).sum(1).mean()
                  for b, i, o in zip(blocks, ins, outs)]
         return self.penalty_lam * torch.stack(terms).sum()
 
@@ -275,7 +280,7 @@ class Rule(L.LightningModule):
 
 def exact_gradients(model: BlockModel, x, y, loss_fn=None) -> tuple[torch.Tensor, list]:
     """Backprop's per-sample credit B * dLoss/dh_l for l = 0..L (the reference)."""
-    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits.float(), t))
+    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(at_least_fp32(logits), t))
     with torch.enable_grad():
         hs = model.states(x)
         loss = loss_fn(model.readout(hs[-1]), y)
