@@ -22,7 +22,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lcredit
+from lcredit import baseline
+from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs
+from lcredit.diagnostics import Report
 from lcredit.errors import ConfigError
 
 log = logging.getLogger("lcredit")
@@ -131,17 +134,26 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     bcfg = batching(cfg.data)
+    frozen_baseline = baseline.resolve(cfg, train)
+
+    L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     task = build_task(cfg.data).to(_device(tcfg))
     rule = build_rule(cfg, task)
     rule.run_config = resolved
+    rule.frozen_baseline = frozen_baseline
 
     train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
                                   seed=int(cfg.seed), random_targets=bcfg["random_targets"],
                                   num_classes=task.num_classes)
     test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"], shuffle=False)
-    trainer = L.Trainer(**tcfg, logger=_loggers(cfg), callbacks=_callbacks(cfg, tcfg.get("enable_progress_bar", True)),
+    callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True))
+    monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
+    if monitor is not None:
+        monitor.frozen_baseline = frozen_baseline
+    if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
+        callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
+    trainer = L.Trainer(**tcfg, logger=_loggers(cfg), callbacks=callbacks,
                         default_root_dir=str(out_dir), num_sanity_val_steps=0,
                         enable_model_summary=False)
     trainer.fit(rule, train_dataloaders=train_batches, val_dataloaders=test_batches,
@@ -150,6 +162,9 @@ def train(cfg: DictConfig) -> dict:
     history = rule.history
     last = history[-1] if history else {}
     status = "diverged" if any(r.get("status") == "diverged" for r in history) else "completed"
+    if rule.abort_info:
+        status = "aborted"
+    report = rule.protocol_state.get("last")
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     results = {
         "status": status,
@@ -161,6 +176,10 @@ def train(cfg: DictConfig) -> dict:
         "history": history,
         "wall_time_s": time.perf_counter() - start,
         "train_time_s": sum(r["train_time_s"] for r in history),
+        "protocol": report,
+        "protocol_first_fired": rule.protocol_state.get("first_fired"),
+        "abort": rule.abort_info,
+        "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
         "checkpoint": str(ckpt) if ckpt.exists() else None,
         "output_dir": str(out_dir),
@@ -170,6 +189,8 @@ def train(cfg: DictConfig) -> dict:
     }
     write_json(out_dir / "results.json", results)
     print_summary(results, out_dir)
+    if report is not None and cfg.get("protocol", {}).get("print_report", True):
+        Report.from_dict(report).print()
     return results
 
 
@@ -202,6 +223,11 @@ def print_summary(results: dict, out_dir: Path) -> None:
                       f"{r['test_loss']:.4f}", f"{r['test_acc']:.4f}", f"{r['train_time_s']:.1f}")
     console = Console()
     console.print(table)
+    if results.get("abort"):
+        a = results["abort"]
+        console.print(f"[bold red]aborted[/] at epoch {a['epoch']} by the protocol: "
+                      f"{'; '.join(a['reasons'])} — saved {a['epochs_saved']} of "
+                      f"{a['epochs_planned']} epochs")
     console.print(f"results: {out_dir / 'results.json'}")
 
 

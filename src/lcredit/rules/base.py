@@ -93,7 +93,10 @@ class Rule(L.LightningModule):
         self.train_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
-        self.history: list[dict] = []
+        self.history: list[dict] = []       # one row per epoch (results.json "history")
+        self.protocol_state: dict = {}       # first-fired epochs, last report (callbacks)
+        self.abort_info: dict | None = None  # set when the protocol stopped the run
+        self.frozen_baseline: dict | None = None
         self.run_config: dict | None = None
         self.log_every = 50
         self._epoch_t0 = None
@@ -254,11 +257,14 @@ class Rule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["lcredit"] = {"history": self.history, "config": self.run_config,
-                                 "rule": self.name}
+                                 "rule": self.name, "protocol_state": self.protocol_state,
+                                 "abort": self.abort_info, "frozen_baseline": self.frozen_baseline}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("lcredit", {})
         self.history = list(state.get("history", []))
+        self.protocol_state = dict(state.get("protocol_state") or {})
+        self.abort_info = state.get("abort")
 
     # ---------------------------------------------------------------- helpers
     @torch.no_grad()

@@ -13,11 +13,19 @@ class DFA(Rule):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
         if feedback_std is not None:
             check_range("method.feedback_std", feedback_std, 0.0, lo_open=True)
+        self.feedback_std = feedback_std
         for l in range(len(self.state_shapes)):
-            dim = self.state_dim(l)
+            self.register_buffer(f"feedback_{l}", torch.empty(self.num_classes, self.state_dim(l)))
+        self.draw_feedback()
+
+    @torch.no_grad()
+    def draw_feedback(self, generator=None):
+        """(Re)draw every B_l; diagnostics call it on a copy for the chance level (null_gamma)."""
+        for l in range(len(self.state_shapes)):
+            buf = self.feedback(l)
             # std 1/sqrt(dim(h_l)) keeps ||a_l|| close to ||e|| whatever the width.
-            std = feedback_std if feedback_std is not None else dim**-0.5
-            self.register_buffer(f"feedback_{l}", torch.randn(self.num_classes, dim) * std)
+            std = self.feedback_std if self.feedback_std is not None else buf.shape[1] ** -0.5
+            buf.copy_(torch.randn(buf.shape, generator=generator) * std)
 
     def feedback(self, l: int) -> torch.Tensor:
         return getattr(self, f"feedback_{l}")

@@ -63,17 +63,30 @@ class FA(Rule):
         if variant == "layerwise":
             for name, layer in feedback_sites(self.model.blocks):
                 buf = f"feedback_{name.replace('.', '_')}"
-                # Drawn like the layer's own init (kaiming-uniform bound 1/sqrt(fan_in)).
-                bound = 1.0 / math.sqrt(layer.weight.shape[1])
-                fb = torch.empty_like(layer.weight, requires_grad=False).uniform_(-bound, bound)
-                self.register_buffer(buf, fb)
+                self.register_buffer(buf, torch.empty(layer.weight.shape, dtype=layer.weight.dtype,
+                                                      device=layer.weight.device))
                 self._sites.append((layer, buf))
             if not self._sites:
                 raise ValueError("fa(layerwise): the model's blocks contain no linear layer")
         else:
             for l in range(len(self.state_shapes) - 1):
-                d_in, d_out = self.state_dim(l), self.state_dim(l + 1)
-                self.register_buffer(f"feedback_{l}", torch.randn(d_in, d_out) * d_out**-0.5)
+                self.register_buffer(f"feedback_{l}",
+                                     torch.empty(self.state_dim(l), self.state_dim(l + 1)))
+        self.draw_feedback()
+
+    @torch.no_grad()
+    def draw_feedback(self, generator=None):
+        """(Re)draw the fixed random matrices; diagnostics redraw a copy's for null_gamma."""
+        if self.variant == "layerwise":
+            for _, buf in self._sites:
+                fb = getattr(self, buf)
+                # Drawn like the layer's own init (kaiming-uniform bound 1/sqrt(fan_in)).
+                bound = 1.0 / math.sqrt(fb.shape[1])
+                fb.copy_(torch.rand(fb.shape, generator=generator) * (2 * bound) - bound)
+        else:
+            for l in range(len(self.state_shapes) - 1):
+                fb = getattr(self, f"feedback_{l}")
+                fb.copy_(torch.randn(fb.shape, generator=generator) * fb.shape[1] ** -0.5)
 
     @contextlib.contextmanager
     def backward_context(self):

@@ -1,0 +1,96 @@
+"""The frozen-blocks comparator of diagnostic (d): a number, a frozen run's results.json, or
+``auto`` (train that run with the same task, model, seed and epochs, and cache it)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lcredit.errors import ConfigError
+
+log = logging.getLogger("lcredit")
+FROZEN_TARGET = "lcredit.rules.Frozen"
+# What makes two frozen-blocks runs the same run.
+KEY_FIELDS = ("data", "model", "optim", "seed")
+KEY_TRAINER = ("max_epochs", "limit_train_batches", "precision")
+
+
+def is_frozen(cfg: DictConfig) -> bool:
+    return cfg.method.get("_target_") in (FROZEN_TARGET, "lcredit.rules.frozen.Frozen")
+
+
+def from_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"protocol.frozen_baseline={path}: cannot read it as results.json "
+                          f"({err})") from None
+    acc = (results.get("final") or {}).get("test_acc")
+    if acc is None:
+        raise ConfigError(f"protocol.frozen_baseline={path}: no final test_acc in it "
+                          f"(status {results.get('status')!r})")
+    if results.get("rule") not in (None, "frozen"):
+        raise ConfigError(f"protocol.frozen_baseline={path} is a {results.get('rule')!r} run, "
+                          f"not a frozen-blocks run")
+    return {"source": str(path), "final_acc": float(acc),
+            "history_acc": [r.get("test_acc") for r in results.get("history", [])]}
+
+
+def cache_key(cfg: DictConfig) -> str:
+    node = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+            else cfg[k] for k in KEY_FIELDS if k in cfg}
+    node["trainer"] = {k: cfg.trainer.get(k) for k in KEY_TRAINER}
+    return hashlib.sha1(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def frozen_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
+    frozen = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "method" / "frozen.yaml")
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(new):
+        new.method = frozen
+        new.resume = None
+        new.paths.output_dir = str(out_dir)
+        new.protocol.frozen_baseline = None
+        new.logger = {}
+        new.callbacks = {k: v for k, v in new.callbacks.items()
+                         if k in ("model_checkpoint", "progress_bar")}
+    return new
+
+
+def resolve(cfg: DictConfig, train_fn) -> dict | None:
+    """Turn ``protocol.frozen_baseline`` into {"source", "final_acc", "history_acc"}."""
+    spec = cfg.get("protocol", {}).get("frozen_baseline")
+    if spec is None:
+        return None
+    if isinstance(spec, bool):
+        raise ConfigError("protocol.frozen_baseline must be a number, a path, auto or null")
+    if isinstance(spec, (int, float)):
+        if not 0.0 <= float(spec) <= 1.0:
+            raise ConfigError(f"protocol.frozen_baseline={spec}: give an accuracy in [0, 1] "
+                              f"(e.g. 0.42), not a percentage")
+        return {"source": "number", "final_acc": float(spec), "history_acc": None}
+    spec = str(spec)
+    if spec != "auto":
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"protocol.frozen_baseline={spec}: no such file (give a frozen "
+                              f"run's results.json, a number, auto or null)")
+        return from_results(path)
+    if is_frozen(cfg):
+        return {"source": "self", "final_acc": None, "history_acc": None}
+    out_dir = Path(cfg.paths.cache_dir) / "frozen" / cache_key(cfg)
+    cached = out_dir / "results.json"
+    if cached.is_file():
+        try:
+            found = from_results(cached)
+            if json.loads(cached.read_text()).get("status") == "completed":
+                log.info("frozen baseline: reusing %s", cached)
+                return found | {"cached": True}
+        except ConfigError:
+            pass  # an unreadable cache entry is retrained below
+    log.info("frozen baseline: training the frozen-blocks run into %s", out_dir)
+    train_fn(frozen_config(cfg, out_dir))
+    return from_results(cached) | {"cached": False}

@@ -1,0 +1,256 @@
+"""Measure every per-layer metric of SPEC §4 for one model and one credit source."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+
+import torch
+
+from lcredit.diagnostics import metrics as M
+
+DEFAULTS = dict(rho_samples=128, rho_directions=8, rho_eps=1e-3, nudge_step=1e-2,
+                null_draws=3, seed=0)
+
+
+def measuring_copy(obj):
+    """A float64, eval-mode deep copy of a model or rule (a rule's Trainer is not copied)."""
+    trainer = getattr(obj, "_trainer", None)
+    if trainer is not None:
+        obj._trainer = None
+    try:
+        clone = copy.deepcopy(obj)
+    finally:
+        if trainer is not None:
+            obj._trainer = trainer
+    return clone.double().eval()
+
+
+def _is_rule(obj) -> bool:
+    return hasattr(obj, "credit") and hasattr(obj, "model") and hasattr(obj, "compute_gradients")
+
+
+def exact_credit(model, x, y, loss_fn):
+    """BP's per-sample credit B * dLoss/dh_l (batch-mean loss), and the states."""
+    with torch.enable_grad():
+        hs = model.states(x)
+        hs_leaf = [h for h in hs]
+        loss = loss_fn(model.readout(hs[-1]), y).mean()
+        grads = torch.autograd.grad(loss * x.shape[0], hs_leaf)
+    return [h.detach() for h in hs], [g.detach() for g in grads]
+
+
+def fresh_feedback_copies(rule, draws: int, generator: torch.Generator):
+    """Copies of ``rule`` with its fixed random feedback redrawn (``draw_feedback``): what
+    alignment looks like by chance. None for a rule without feedback (it gets a DFA null)."""
+    if not hasattr(rule, "draw_feedback"):
+        return None
+    out = []
+    for _ in range(draws):
+        c = copy.deepcopy(rule)
+        c.draw_feedback(generator)
+        out.append(c)
+    return out
+
+
+def dfa_null(model, x, y, states, loss_fn, generator):
+    with torch.enable_grad():
+        logits = model.readout(states[-1]).detach().requires_grad_(True)
+        e = torch.autograd.grad(loss_fn(logits, y).sum(), logits)[0]
+    out = []
+    for h in states:
+        dim = h[0].numel()
+        B = torch.randn(e.shape[1], dim, generator=generator, dtype=torch.float64) / dim**0.5
+        out.append((e.double() @ B.to(e.device)).view_as(h))
+    return out
+
+
+def block_update_directions(source, model, batches, loss_fn):
+    """Per-block parameter-gradient vectors of the rule's update on each batch."""
+    vecs = []
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        if _is_rule(source):
+            with torch.enable_grad():
+                source.compute_gradients(x, y)
+        else:  # the shared block-local surrogate with the function's credit
+            credits = source(model, x, y)
+            with torch.enable_grad():
+                h = model.embed(x).detach()
+                for l, block in enumerate(model.blocks):
+                    out = block(h)
+                    a = credits[l + 1].to(out.dtype)
+                    ((out * a).flatten(1).sum(1).mean()).backward()
+                    h = out.detach()
+        per_block = []
+        for block in model.blocks:
+            gs = [p.grad.flatten() for p in block.parameters() if p.grad is not None]
+            per_block.append(torch.cat(gs) if gs else None)
+        vecs.append(per_block)
+        model.zero_grad(set_to_none=True)
+    return vecs
+
+
+def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
+            stability_batches=None, **opts) -> dict:
+    """All per-layer metrics, aggregates and the raw values the protocol judges.
+
+    ``model``: any module with embed / blocks / readout. ``batches``: list of (x, y).
+    ``credit``: a rule (anything with ``credit(x, y)``, ``model``, ``compute_gradients``), a
+    function ``fn(model, x, y) -> [a_0..a_L]`` called with the float64 copy, or None.
+    ``costate``: optional ``fn(model, x, y) -> [p_0..p_L]``, a task's exact adjoint.
+    """
+    o = DEFAULTS | opts
+    loss_fn = loss_fn or M.ce_per_sample
+    batches = list(batches)
+    if not batches:
+        raise ValueError("diagnose: no evaluation batches given")
+    source = measuring_copy(credit) if _is_rule(credit) else credit
+    net = source.model if _is_rule(source) else measuring_copy(model)
+    gen = torch.Generator().manual_seed(int(o["seed"]))
+    dev = next(net.parameters()).device
+    batches = [(x.to(dev).double(), y.to(dev)) for x, y in batches]
+    nulls = fresh_feedback_copies(source, o["null_draws"], gen) if _is_rule(source) else None
+
+    # Never under an outer autocast: the diagnostics are float64 whatever the training runs in.
+    ac = torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu") else contextlib.nullcontext()
+    with ac:
+        return _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o)
+
+
+def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o):
+    depth = len(net.blocks)
+    n_layers = depth + 1
+    acc = {k: [[] for _ in range(n_layers)] for k in
+           ("norm", "gnorm", "cos", "null", "costate")}
+    flat = [[] for _ in range(n_layers)]
+    missing = [0] * n_layers
+    rho = nudge = None
+    for bi, (x, y) in enumerate(batches):
+        states, grads = exact_credit(net, x, y, loss_fn)
+        n = x.shape[0]
+        for l in range(n_layers):
+            acc["norm"][l].append(M.row_norms(states[l]))
+            acc["gnorm"][l].append(M.row_norms(grads[l]) / n)  # batch-mean CE, as in training
+        if source is None:
+            continue
+        credits = source.credit(x, y) if _is_rule(source) else source(net, x, y)
+        if len(credits) != n_layers:
+            raise ValueError(f"diagnose: credit gave {len(credits)} tensors for {n_layers} "
+                             f"hidden states h_0..h_{depth}")
+        for l in range(n_layers):
+            cos, miss = M.row_cosines(credits[l], grads[l])
+            acc["cos"][l].append(cos)
+            missing[l] += miss
+            flat[l].append((credits[l].detach().double().flatten(), grads[l].double().flatten()))
+        null_sets = ([c.credit(x, y) for c in nulls] if nulls is not None else
+                     [dfa_null(net, x, y, states, loss_fn, gen) for _ in range(o["null_draws"])])
+        for l in range(n_layers):
+            acc["null"][l].append(torch.stack([M.row_cosines(ns[l], grads[l])[0]
+                                               for ns in null_sets]))
+        if costate is not None:
+            exact = costate(net, x, y)
+            for l in range(n_layers):
+                acc["costate"][l].append(M.row_cosines(credits[l], exact[l])[0])
+        if bi == 0:
+            k = min(o["rho_samples"], n)
+            rho = [M.perturbation_correlation(net, l, states[l][:k], credits[l][:k], y[:k],
+                                              directions=o["rho_directions"], eps=o["rho_eps"],
+                                              generator=gen, loss_fn=loss_fn)
+                   for l in range(n_layers)]
+            nudge = [M.nudge(net, l, states[l][:k], credits[l][:k], y[:k],
+                             step=o["nudge_step"], loss_fn=loss_fn) for l in range(n_layers)]
+
+    layers = []
+    for l in range(n_layers):
+        row = {"layer": l,
+               "hidden_norm": float(torch.cat(acc["norm"][l]).mean()),
+               "bp_grad_norm": float(torch.cat(acc["gnorm"][l]).mean())}
+        if source is not None:
+            cos = torch.cat(acc["cos"][l])
+            row["gamma"] = _nanmean(cos)
+            row["gamma_missing"] = missing[l]
+            a = torch.cat([f[0] for f in flat[l]])
+            g = torch.cat([f[1] for f in flat[l]])
+            row["gamma_flat"] = M.flat_cosine(a, g)
+            row["rho"] = rho[l]
+            row["nudge"] = nudge[l]
+            nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
+            per_draw = [_nanmean(d) for d in nulls_l]
+            row["null_gamma"] = _nanmean(torch.tensor(per_draw))
+            row["null_gamma_std"] = statistics.stdev(per_draw) if len(per_draw) > 1 else math.nan
+            if acc["costate"][l]:
+                row["costate_cosine"] = _nanmean(torch.cat(acc["costate"][l]))
+        layers.append(row)
+
+    out = {"layers": layers, "depth": depth, "n_samples": sum(len(y) for _, y in batches),
+           "notes": []}
+    norms = [r["hidden_norm"] for r in layers]
+    ratios = [norms[l + 1] / norms[l] if norms[l] > M.TINY else math.inf for l in range(depth)]
+    out["residual_growth"] = max(ratios) if ratios else math.nan
+    out["residual_growth_per_block"] = ratios
+    out["bp_grad_norm_top"] = layers[-1]["bp_grad_norm"]
+    if source is not None:
+        out["aggregates"] = aggregates(layers)
+        for r in layers:
+            if r["gamma_missing"]:
+                out["notes"].append(
+                    f"gamma_l{r['layer']}: {r['gamma_missing']} of {out['n_samples']} samples "
+                    f"missing (credit or gradient norm zero or underflowed)")
+            if math.isnan(r["gamma"]):
+                out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms "
+                                    f"above {M.TINY:g}")
+        sb = stability_batches if stability_batches is not None else batches
+        sb = [(x.to(next(net.parameters()).device).double(), y.to(x.device)) for x, y in sb]
+        out["stability"] = stability(source, net, sb, loss_fn)
+        if math.isnan(out["stability"]["value"]):
+            out["notes"].append("direction stability: the rule made no block update")
+    else:
+        out["aggregates"] = {}
+        out["stability"] = {"value": math.nan, "per_block": [], "k": 0}
+    return out
+
+
+def stability(source, net, batches, loss_fn) -> dict:
+    if len(batches) < 2:
+        return {"value": math.nan, "per_block": [], "k": len(batches)}
+    vecs = block_update_directions(source, net, batches, loss_fn)
+    per_block = []
+    for l in range(len(net.blocks)):
+        vs = [v[l] for v in vecs if v[l] is not None]
+        per_block.append(M.pairwise_mean_cosine(vs) if len(vs) > 1 else math.nan)
+    whole = [torch.cat([b for b in v if b is not None]) for v in vecs
+             if any(b is not None for b in v)]
+    value = M.pairwise_mean_cosine(whole) if len(whole) > 1 else math.nan
+    return {"value": value, "per_block": per_block, "k": len(batches),
+            "batch_size": len(batches[0][1])}
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    t = t.double()
+    ok = ~torch.isnan(t)
+    return float(t[ok].mean()) if ok.any() else math.nan
+
+
+def aggregates(layers: list[dict]) -> dict:
+    L = len(layers) - 1
+    deep = [r for r in layers if r["layer"] >= 1]
+    hidden = [r for r in layers if 1 <= r["layer"] <= L - 1]
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def median(rows, key):
+        vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return statistics.median(vals) if vals else math.nan
+
+    agg = {"gamma_0": layers[0]["gamma"], "gamma_deep": mean(deep, "gamma"),
+           "gamma_hidden": mean(hidden, "gamma"), "gamma_deep_median": median(deep, "gamma"),
+           "gamma_flat_deep": mean(deep, "gamma_flat"), "rho_0": layers[0]["rho"],
+           "rho_deep": mean(deep, "rho"), "nudge_deep": mean(deep, "nudge"),
+           "null_gamma_deep": mean(deep, "null_gamma")}
+    if "costate_cosine" in layers[0]:
+        agg["costate_cosine_deep"] = mean(deep, "costate_cosine")
+    return agg
