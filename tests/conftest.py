@@ -7,14 +7,17 @@ from hydra.core.global_hydra import GlobalHydra
 import lcredit.train  # noqa: F401  (registers the config resolvers)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
+QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
+         "protocol.frozen_baseline=null"]
 TINY_LADDER = ["data.n_train=1024", "data.n_test=512", "model.d=32", "model.depth=2"]
 
 
 def compose_cfg(out_dir, *overrides):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={out_dir}", *QUIET, *overrides])
+        return compose("config", overrides=[f"paths.output_dir={out_dir}",
+                                            f"paths.cache_dir={Path(out_dir).parent / 'cache'}",
+                                            *QUIET, *overrides])
 
 
 @pytest.fixture

@@ -163,3 +163,13 @@ def test_cli_bad_override_is_one_clear_line(tmp_path):
     proc = run_cli("model.act=swish", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "model.act" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_path_overrides_with_sweep_syntax_are_quoted():
+    from lcredit.cli import quote_path_overrides
+
+    argv = ["prog", "resume=multirun/d/t/method=fa,model.depth=8/seed=1/checkpoints/last.ckpt",
+            "model.depth=8", "seed=1,2", "ckpt='already quoted'", "out=plain/dir"]
+    quote_path_overrides(argv)
+    assert argv[1] == "resume='multirun/d/t/method=fa,model.depth=8/seed=1/checkpoints/last.ckpt'"
+    assert argv[2:] == ["model.depth=8", "seed=1,2", "ckpt='already quoted'", "out=plain/dir"]

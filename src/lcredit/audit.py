@@ -19,6 +19,7 @@ from lcredit import baseline
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
+from lcredit.cli import quote_path_overrides
 from lcredit.errors import ConfigError
 from lcredit.train import CONF_DIR, build_rule, write_json
 
@@ -117,4 +118,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quote_path_overrides()
     main()

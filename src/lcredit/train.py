@@ -26,6 +26,7 @@ from lcredit import baseline
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs
 from lcredit.diagnostics import Report
+from lcredit.cli import quote_path_overrides
 from lcredit.errors import ConfigError
 
 log = logging.getLogger("lcredit")
@@ -257,4 +258,5 @@ def _record_failure(cfg: DictConfig, err: Exception) -> None:
 
 
 if __name__ == "__main__":
+    quote_path_overrides()
     main()

@@ -1,0 +1,179 @@
+"""The protocol during training: measuring, logging, aborting, the comparator, the audit."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_LADDER
+from lcredit.audit import audit
+from lcredit.errors import ConfigError
+from lcredit.train import train
+
+EVERY = ["protocol.every_n_epochs=1"]
+
+
+def test_bp_on_the_ladder_raises_no_alarm(make_cfg):
+    results = train(make_cfg("method=bp", *TINY_LADDER, *EVERY, "trainer.max_epochs=4"))
+    measured = [r["protocol"] for r in results["history"]]
+    assert len(measured) == 4  # every epoch, as configured
+    for m in measured:
+        assert not m["diagnostics"]["a"]["fired"] and not m["diagnostics"]["b"]["fired"]
+        assert m["aggregates"]["gamma_deep"] == pytest.approx(1, abs=1e-6)
+    assert results["status"] == "completed" and results["abort"] is None
+    assert results["protocol"]["verdict"] == "trustworthy"
+
+
+def test_abort_stops_early_and_reports_when_and_why(make_cfg):
+    # Threshold (a) at 1.0: any residual stream that grows at all fires at the first check.
+    results = train(make_cfg("method=dfa", *TINY_LADDER, *EVERY, "trainer.max_epochs=6",
+                             "protocol.thresholds.a=1.0"))
+    assert results["status"] == "aborted"
+    assert len(results["history"]) == 1
+    abort = results["abort"]
+    assert abort["epoch"] == 1 and abort["diagnostics"] == ["a"]
+    assert abort["epochs_planned"] == 6 and abort["epochs_saved"] == 5
+    assert abort["est_seconds_saved"] > 0 and "(a)" in abort["reasons"][0]
+    assert results["protocol_first_fired"]["a"] == 1
+    assert results["protocol"]["verdict"] == "walk back"
+    on_disk = json.loads((Path(results["output_dir"]) / "results.json").read_text())
+    assert on_disk["abort"] == abort and on_disk["checkpoint"]
+
+
+def test_abort_respects_min_epochs_patience_and_switch(make_cfg):
+    common = ["method=dfa", *TINY_LADDER, *EVERY, "trainer.max_epochs=4",
+              "protocol.thresholds.a=1.0"]
+    r = train(make_cfg(*common, "protocol.abort.min_epochs=2", "protocol.abort.patience=2",
+                       out="late"))
+    assert r["abort"]["epoch"] == 2
+    r = train(make_cfg(*common, "protocol.abort.enabled=false", out="off"))
+    assert r["status"] == "completed" and len(r["history"]) == 4
+    assert r["protocol_first_fired"]["a"] == 1  # still measured and reported
+
+
+@pytest.mark.slow
+def test_default_dfa_run_is_aborted_by_residual_growth(make_cfg):
+    """The failure shape of SPEC §5 on the default task: DFA's residual stream explodes."""
+    results = train(make_cfg("method=dfa", *EVERY))
+    assert results["status"] == "aborted", results["history"][-1]["protocol"]["diagnostics"]
+    assert "a" in results["abort"]["diagnostics"]
+    assert results["abort"]["epoch"] < 15
+    layers = results["protocol"]["layers"]
+    assert layers[-1]["hidden_norm"] > 50 * layers[0]["hidden_norm"]
+
+
+def test_diagnostics_are_logged_per_layer(make_cfg):
+    results = train(make_cfg("method=fa", *TINY_LADDER, *EVERY, "trainer.max_epochs=2",
+                             "logger=csv"))
+    rows = list(csv.DictReader(open(Path(results["output_dir"]) / "csv" / "metrics.csv")))
+    keys = set(rows[0])
+    for k in ("diag/gamma/l0", "diag/gamma/l2", "diag/rho/l1", "diag/hidden_norm/l2",
+              "diag/bp_grad_norm/l2", "diag/null_gamma/l1", "diag/gamma_deep", "protocol/a",
+              "protocol/b", "protocol/c", "protocol/a_fired", "protocol/trustworthy",
+              "test/acc", "train/loss"):
+        assert k in keys, k
+    logged = [float(r["diag/gamma/l2"]) for r in rows if r["diag/gamma/l2"]]
+    assert len(logged) == 2 and logged[-1] == pytest.approx(
+        results["protocol"]["layers"][2]["gamma"])
+
+
+def test_frozen_baseline_number_and_path(make_cfg, tmp_path):
+    common = ["method=dfa", *TINY_LADDER, "trainer.max_epochs=1"]
+    r = train(make_cfg(*common, "protocol.frozen_baseline=0.25", out="num"))
+    d = r["protocol"]["diagnostics"]["d"]
+    assert d["value"] == pytest.approx(100 * (r["final"]["test_acc"] - 0.25))
+    frozen = train(make_cfg("method=frozen", *TINY_LADDER, "trainer.max_epochs=1", out="fz"))
+    path = Path(frozen["output_dir"]) / "results.json"
+    r = train(make_cfg(*common, f"protocol.frozen_baseline={path}", out="path"))
+    assert r["frozen_baseline"]["final_acc"] == frozen["final"]["test_acc"]
+    with pytest.raises(ConfigError, match="frozen_baseline"):
+        train(make_cfg(*common, f"protocol.frozen_baseline={tmp_path}/nope.json", out="bad"))
+    with pytest.raises(ConfigError, match="not a frozen-blocks run"):
+        train(make_cfg(*common, f"protocol.frozen_baseline={Path(r['output_dir'])}/results.json",
+                       out="bad2"))
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        train(make_cfg(*common, "protocol.frozen_baseline=42", out="bad3"))
+
+
+def test_frozen_baseline_auto_trains_once_and_is_reused(make_cfg):
+    common = [*TINY_LADDER, "trainer.max_epochs=2", "protocol.frozen_baseline=auto", "seed=2"]
+    first = train(make_cfg("method=dfa", *common, out="one"))
+    fb = first["frozen_baseline"]
+    assert fb["cached"] is False and len(fb["history_acc"]) == 2
+    cache = Path(first["config"]["paths"]["cache_dir"]) / "frozen"
+    entries = list(cache.iterdir())
+    assert len(entries) == 1
+    stamp = (entries[0] / "results.json").stat().st_mtime_ns
+    second = train(make_cfg("method=fa", *common, out="two"))  # same task, model, seed, epochs
+    assert second["frozen_baseline"]["cached"] is True
+    assert second["frozen_baseline"]["final_acc"] == fb["final_acc"]
+    assert (entries[0] / "results.json").stat().st_mtime_ns == stamp
+    cached_run = json.loads((entries[0] / "results.json").read_text())
+    assert cached_run["rule"] == "frozen" and cached_run["seed"] == 2
+    third = train(make_cfg("method=dfa", *common, "seed=3", out="three"))  # another seed
+    assert third["frozen_baseline"]["cached"] is False
+    d = second["protocol"]["diagnostics"]["d"]
+    assert d["value"] == pytest.approx(100 * (second["final"]["test_acc"] - fb["history_acc"][-1]))
+
+
+def test_frozen_run_is_its_own_comparator(make_cfg):
+    r = train(make_cfg("method=frozen", *TINY_LADDER, "trainer.max_epochs=1",
+                       "protocol.frozen_baseline=auto"))
+    assert r["protocol"]["diagnostics"]["d"]["value"] == 0 and r["protocol"]["verdict"] == "walk back"
+
+
+@pytest.mark.parametrize("method", ["dfa", "fa"])
+def test_audit_reproduces_the_in_run_report(make_cfg, method):
+    results = train(make_cfg(f"method={method}", *TINY_LADDER, "trainer.max_epochs=2",
+                             "protocol.frozen_baseline=0.2"))
+    report = audit(results["checkpoint"]).to_dict()
+    in_run = results["protocol"]
+    for key in ("layers", "diagnostics", "aggregates", "verdict", "reasons", "submode",
+                "headline_acc", "frozen_baseline_acc", "epoch"):
+        assert report[key] == in_run[key], key
+
+
+def test_audit_refuses_a_checkpoint_without_feedback(make_cfg, tmp_path):
+    results = train(make_cfg("method=dfa", *TINY_LADDER, "trainer.max_epochs=1"))
+    ckpt = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if "feedback" not in k}
+    stripped = tmp_path / "stripped.ckpt"
+    torch.save(ckpt, stripped)
+    with pytest.raises(ConfigError, match="feedback_0.*backprop"):
+        audit(stripped)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        audit(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.slow
+def test_audit_cli_and_two_job_sweep_with_one_abort(tmp_path):
+    env_py = [sys.executable, "-m"]
+    proc = subprocess.run(
+        env_py + ["lcredit.train", "-m", "method=dfa", "debug=fast", "protocol.every_n_epochs=1",
+                  "protocol.frozen_baseline=null", "protocol.thresholds.a=1.0,50",
+                  "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {p.parent.parent.name: json.loads(p.read_text())
+            for p in (tmp_path / "sweep").glob("*/*/results.json")}
+    assert len(jobs) == 2, list(jobs)
+    aborted = [j for j in jobs.values() if j["status"] == "aborted"]
+    completed = [j for j in jobs.values() if j["status"] == "completed"]
+    assert len(aborted) == 1 and len(completed) == 1
+    assert len(completed[0]["history"]) == 3 and aborted[0]["abort"]["epoch"] == 1
+
+    ckpt = aborted[0]["checkpoint"]
+    proc = subprocess.run(env_py + ["lcredit.audit", f"ckpt={ckpt}", f"out={tmp_path}/audit"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audited = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audited["layers"] == aborted[0]["protocol"]["layers"]
+    assert "verdict" in proc.stdout and (tmp_path / "audit" / "audit.md").exists()
+
+    bad = subprocess.run(env_py + ["lcredit.audit", f"ckpt={tmp_path}/none.ckpt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr
+    assert "Traceback" not in bad.stderr
