@@ -21,7 +21,7 @@ from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import quote_path_overrides
 from lcredit.errors import ConfigError
-from lcredit.train import CONF_DIR, build_rule, write_json
+from lcredit.train import CONF_DIR, build_rule, fit_task, write_json
 
 
 def load_checkpoint(path) -> dict:
@@ -44,7 +44,7 @@ def restore(ckpt: dict, data_root=None):
         with open_dict(cfg):
             if "root" in cfg.data:
                 cfg.data.root = str(data_root)
-    task = build_task(cfg.data)
+    task = fit_task(cfg, build_task(cfg.data))
     torch.manual_seed(int(cfg.seed))
     rule = build_rule(cfg, task)
     state = ckpt["state_dict"]

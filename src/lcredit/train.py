@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import lcredit
 from lcredit import baseline
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
-from lcredit.data import DeviceBatches, batching, build_task, check_kwargs
+from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.cli import quote_path_overrides
 from lcredit.errors import ConfigError
@@ -93,12 +93,24 @@ def _instantiate_group(group: str, node: DictConfig, **extra):
         raise
 
 
+def fit_task(cfg: DictConfig, task):
+    """The task as the configured model takes it (image models get (C, S, S) images)."""
+    if "_target_" not in cfg.model:
+        raise ConfigError("model: no _target_ (choose one with model=<name>)")
+    return fit_to_model(task, get_class(cfg.model._target_), cfg.model)
+
+
 def build_rule(cfg: DictConfig, task):
+    """Model and rule for ``task`` (already fitted to the model by ``fit_task``)."""
     model = _instantiate_group("model", cfg.model, input_shape=task.input_shape,
                                num_classes=task.num_classes)
+    if task.check_model is not None:
+        task.check_model(model)
     optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
-    return _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
+    rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
                               num_classes=task.num_classes, optimizer=optimizer)
+    rule.loss_kind, rule.costate = task.loss, task.costate
+    return rule
 
 
 def _loggers(cfg):
@@ -118,7 +130,7 @@ def _callbacks(cfg, progress_bar: bool):
     return [cb for cb in cbs if progress_bar or not isinstance(cb, ProgressBar)]
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     """Train ``cfg.method`` on ``cfg.data`` with ``cfg.model``; write and return results."""
     import lightning as L
 
@@ -136,10 +148,11 @@ def train(cfg: DictConfig) -> dict:
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     bcfg = batching(cfg.data)
-    frozen_baseline = baseline.resolve(cfg, train)
+    task = fit_task(cfg, build_task(cfg.data)).to(_device(tcfg))
+    # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
+    frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
 
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    task = build_task(cfg.data).to(_device(tcfg))
     rule = build_rule(cfg, task)
     rule.run_config = resolved
     rule.frozen_baseline = frozen_baseline
@@ -148,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
                                   seed=int(cfg.seed), random_targets=bcfg["random_targets"],
                                   num_classes=task.num_classes)
     test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"], shuffle=False)
-    callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True))
+    callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
     monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
     if monitor is not None:
         monitor.frozen_baseline = frozen_baseline
@@ -171,6 +184,7 @@ def train(cfg: DictConfig) -> dict:
         "status": status,
         "rule": rule.name,
         "task": task.name,
+        "task_notes": list(task.notes),
         "seed": int(cfg.seed),
         "final": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
         | {"epochs": len(history)},
@@ -180,6 +194,7 @@ def train(cfg: DictConfig) -> dict:
         "protocol": report,
         "protocol_first_fired": rule.protocol_state.get("first_fired"),
         "abort": rule.abort_info,
+        "protocol_time_s": rule.protocol_state.get("seconds", 0.0),
         "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
         "checkpoint": str(ckpt) if ckpt.exists() else None,
@@ -211,6 +226,10 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
 def print_summary(results: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -220,8 +239,9 @@ def print_summary(results: dict, out_dir: Path) -> None:
     for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "train s"):
         table.add_column(col, justify="right")
     for r in results["history"]:
-        table.add_row(str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
-                      f"{r['test_loss']:.4f}", f"{r['test_acc']:.4f}", f"{r['train_time_s']:.1f}")
+        table.add_row(str(r["epoch"]), *(_num(r[k]) for k in
+                                         ("train_loss", "train_acc", "test_loss", "test_acc")),
+                      f"{r['train_time_s']:.1f}")
     console = Console()
     console.print(table)
     if results.get("abort"):

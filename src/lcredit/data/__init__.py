@@ -5,6 +5,7 @@ Datasets here are small enough to live on the device in full, which removes the 
 """
 import inspect
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,18 +25,19 @@ class Task:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
+    num_classes: int       # classes, or output dimension for a regression task
+    loss: str = "ce"       # "ce": cross-entropy on labels; "mse": 1/2 ||output - y||^2
+    costate: object = None  # fn(model, x, y) -> exact adjoint [p_0..p_L], if the task knows it
+    check_model: object = None  # fn(model): raises ConfigError for a model the task cannot use
+    notes: tuple = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Task":
-        return Task(
-            self.name,
-            *(t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test)),
-            self.num_classes,
-        )
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in
+                                            ("x_train", "y_train", "x_test", "y_test")})
 
 
 class EpochSampler:
@@ -88,7 +90,10 @@ class DeviceBatches:
                 idx = order[start:start + bs]
                 xb, yb = self.x[idx], self.y[idx]
             if self.random_targets:
-                yb = torch.randint(self.num_classes, yb.shape, generator=g, device=yb.device)
+                if yb.is_floating_point():  # regression: i.i.d. standard normal targets
+                    yb = torch.randn(yb.shape, generator=g, device=yb.device, dtype=yb.dtype)
+                else:
+                    yb = torch.randint(self.num_classes, yb.shape, generator=g, device=yb.device)
             yield xb, yb
 
 
@@ -127,3 +132,38 @@ def check_kwargs(fn, kwargs: dict, group: str) -> None:
             f"{group}: unknown option(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
             f"known options: {', '.join(known)}"
         )
+
+
+def fit_to_model(task: Task, model_cls, model_opts: dict, model_key: str = "model") -> Task:
+    """Give an image model its input shape: (C, S, S) with S = ``model.image_size``.
+
+    Images up to 4 pixels smaller are zero-padded (FashionMNIST 28 -> 32), others resized
+    bilinearly (digits 8 -> 32). A model that needs images and gets vectors fails here, at
+    config time, saying what would work.
+    """
+    import torch.nn.functional as F
+
+    if not getattr(model_cls, "image_input", False):
+        return task
+    name = model_cls.__name__
+    if len(task.input_shape) != 3:
+        raise ConfigError(
+            f"{model_key}={name} needs image input (channels, height, width), but "
+            f"data={task.name} gives vectors of shape {task.input_shape}. Use an image task "
+            f"(digits, cifar10, cifar100, fashion_mnist, gaussian_images) or a vector model "
+            f"(resmlp, student).")
+    size = int(model_opts.get("image_size", 32))
+    _, h, w = task.input_shape
+    if (h, w) == (size, size):
+        return task
+
+    def fit(x):
+        if h <= size and w <= size and size - h <= 4 and size - w <= 4:
+            top, left = (size - h) // 2, (size - w) // 2
+            return F.pad(x, (left, size - w - left, top, size - h - top))
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+    note = (f"inputs {h}x{w} -> {size}x{size} for {name} "
+            f"({'zero-padded' if size - h <= 4 and h <= size else 'bilinear resize'})")
+    return dataclasses.replace(task, x_train=fit(task.x_train), x_test=fit(task.x_test),
+                               notes=task.notes + (note,))

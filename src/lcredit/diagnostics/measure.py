@@ -14,8 +14,8 @@ DEFAULTS = dict(rho_samples=128, rho_directions=8, rho_eps=1e-3, nudge_step=1e-2
                 null_draws=3, seed=0)
 
 
-def measuring_copy(obj):
-    """A float64, eval-mode deep copy of a model or rule (a rule's Trainer is not copied)."""
+def measuring_copy(obj, dtype=torch.float64):
+    """An eval-mode deep copy of a model or rule in ``dtype`` (a rule's Trainer is not copied)."""
     trainer = getattr(obj, "_trainer", None)
     if trainer is not None:
         obj._trainer = None
@@ -24,7 +24,7 @@ def measuring_copy(obj):
     finally:
         if trainer is not None:
             obj._trainer = trainer
-    return clone.double().eval()
+    return clone.to(dtype).eval()
 
 
 def _is_rule(obj) -> bool:
@@ -102,12 +102,21 @@ def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
     ``costate``: optional ``fn(model, x, y) -> [p_0..p_L]``, a task's exact adjoint.
     """
     o = DEFAULTS | opts
-    loss_fn = loss_fn or M.ce_per_sample
+    if loss_fn is None:  # a rule knows its task's loss (cross-entropy, or lq's quadratic cost)
+        loss_fn = credit.per_sample_loss if _is_rule(credit) else M.ce_per_sample
+    if costate is None and _is_rule(credit):
+        costate = getattr(credit, "costate", None)
     batches = list(batches)
     if not batches:
         raise ValueError("diagnose: no evaluation batches given")
     source = measuring_copy(credit) if _is_rule(credit) else credit
     net = source.model if _is_rule(source) else measuring_copy(model)
+    # (c) compares update directions, not credit against a gradient: float32 is ample there
+    # and halves its cost (it runs the rule's full update K times).
+    orig = next((credit.model if _is_rule(credit) else model).parameters()).dtype
+    sdt = torch.float64 if orig == torch.float64 else torch.float32
+    stab_source = measuring_copy(credit, sdt) if _is_rule(credit) else credit
+    stab_net = stab_source.model if _is_rule(stab_source) else measuring_copy(model, sdt)
     gen = torch.Generator().manual_seed(int(o["seed"]))
     dev = next(net.parameters()).device
     batches = [(x.to(dev).double(), y.to(dev)) for x, y in batches]
@@ -116,10 +125,12 @@ def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
     # Never under an outer autocast: the diagnostics are float64 whatever the training runs in.
     ac = torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu") else contextlib.nullcontext()
     with ac:
-        return _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o)
+        return _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
+                        stab_source, stab_net)
 
 
-def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o):
+def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
+             stab_source=None, stab_net=None):
     depth = len(net.blocks)
     n_layers = depth + 1
     acc = {k: [[] for _ in range(n_layers)] for k in
@@ -144,11 +155,13 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             acc["cos"][l].append(cos)
             missing[l] += miss
             flat[l].append((credits[l].detach().double().flatten(), grads[l].double().flatten()))
-        null_sets = ([c.credit(x, y) for c in nulls] if nulls is not None else
-                     [dfa_null(net, x, y, states, loss_fn, gen) for _ in range(o["null_draws"])])
-        for l in range(n_layers):
-            acc["null"][l].append(torch.stack([M.row_cosines(ns[l], grads[l])[0]
-                                               for ns in null_sets]))
+        if bi == 0:  # the chance level needs no more than one batch per draw
+            null_sets = ([c.credit(x, y) for c in nulls] if nulls is not None else
+                         [dfa_null(net, x, y, states, loss_fn, gen)
+                          for _ in range(o["null_draws"])])
+            for l in range(n_layers):
+                acc["null"][l].append(torch.stack([M.row_cosines(ns[l], grads[l])[0]
+                                                   for ns in null_sets]))
         if costate is not None:
             exact = costate(net, x, y)
             for l in range(n_layers):
@@ -202,8 +215,7 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
                 out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms "
                                     f"above {M.TINY:g}")
         sb = stability_batches if stability_batches is not None else batches
-        sb = [(x.to(next(net.parameters()).device).double(), y.to(x.device)) for x, y in sb]
-        out["stability"] = stability(source, net, sb, loss_fn)
+        out["stability"] = stability(stab_source, stab_net, sb, loss_fn)
         if math.isnan(out["stability"]["value"]):
             out["notes"].append("direction stability: the rule made no block update")
     else:
@@ -213,6 +225,8 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
 
 
 def stability(source, net, batches, loss_fn) -> dict:
+    p = next(net.parameters())
+    batches = [(x.to(p.device, p.dtype), y.to(p.device)) for x, y in batches]
     if len(batches) < 2:
         return {"value": math.nan, "per_block": [], "k": len(batches)}
     vecs = block_update_directions(source, net, batches, loss_fn)

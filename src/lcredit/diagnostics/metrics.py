@@ -76,7 +76,8 @@ def perturbation_correlation(model, l, h, a, y, *, directions=8, eps=1e-3, gener
     with torch.no_grad():
         base = per_sample_loss(model, l, hd, y, loss_fn)
         moved = per_sample_loss(model, l, (hd[None] + delta).flatten(0, 1),
-                                y.repeat(directions), loss_fn).view(directions, n)
+                                y.repeat(directions, *([1] * (y.ndim - 1))),
+                                loss_fn).view(directions, n)
     real = (moved - base[None]).flatten()
     pred = (ad[None] * delta).flatten(2).sum(2).flatten()
     return pearson(pred, real)

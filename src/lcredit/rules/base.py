@@ -60,11 +60,16 @@ class Pass:
     states: list[torch.Tensor]    # h_0 .. h_L, detached
     g_top: torch.Tensor           # exact per-sample d loss / d h_L (output-local)
     credits: list = field(default_factory=list)  # filled top-down: credits[l] = a_l
+    loss_kind: str = "ce"
 
     @property
     def error(self) -> torch.Tensor:
-        """e = d(per-sample CE)/d logits = softmax(logits) - onehot(y)."""
-        e = torch.softmax(at_least_fp32(self.logits), dim=-1)
+        """e = d(per-sample loss)/d output: softmax(logits) - onehot(y) for cross-entropy,
+        output - y for the quadratic cost."""
+        out = at_least_fp32(self.logits)
+        if self.loss_kind == "mse":
+            return out - self.y.to(out.dtype)
+        e = torch.softmax(out, dim=-1)
         return e - F.one_hot(self.y, e.shape[-1]).to(e.dtype)
 
 
@@ -90,14 +95,18 @@ class Rule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.penalty_lam = float(penalty_lam)
         self.state_shapes = self._probe_state_shapes()
-        self.train_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
+        # Per step, train metrics are three on-device adds (a torchmetrics update costs ~10x
+        # that in Python); evaluation runs a few large batches and uses torchmetrics.
+        self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.test_loss = MeanMetric()
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
         self.history: list[dict] = []       # one row per epoch (results.json "history")
         self.protocol_state: dict = {}       # first-fired epochs, last report (callbacks)
         self.abort_info: dict | None = None  # set when the protocol stopped the run
         self.frozen_baseline: dict | None = None
         self.run_config: dict | None = None
+        self.loss_kind = "ce"   # set from the task by train.build_rule
+        self.costate = None     # the task's exact adjoint, when it has one (diagnostics)
         self.log_every = 50
         self._epoch_t0 = None
         self._train_time = None
@@ -121,7 +130,16 @@ class Rule(L.LightningModule):
             return [a.detach() for a in self._local_pass(x, y, update=False)[2]]
 
     # ---------------------------------------------------------------- the shared update
+    def per_sample_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = at_least_fp32(logits)
+        if self.loss_kind == "mse":
+            return 0.5 * (out - y.to(out.dtype)).pow(2).flatten(1).sum(1)
+        return F.cross_entropy(out, y, reduction="none")
+
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch-mean task loss (the loss BP descends; g_l is its gradient)."""
+        if self.loss_kind == "mse":
+            return self.per_sample_loss(logits, y).mean()
         return F.cross_entropy(at_least_fp32(logits), y)
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor):
@@ -153,7 +171,7 @@ class Rule(L.LightningModule):
         grads = torch.autograd.grad(loss, [top] + head)
         accumulate(head, grads[1:])
         p = Pass(x, y, logits.detach(), [h0.detach()] + [o.detach() for o in outs],
-                 grads[0].detach() * n, [None] * (depth + 1))
+                 grads[0].detach() * n, [None] * (depth + 1), self.loss_kind)
         p.credits[depth] = self.top_credit(p)
 
         train_blocks = update and self.trains_blocks
@@ -204,8 +222,11 @@ class Rule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         loss, logits = self.compute_gradients(x, y)
         opt.step()
-        self.train_loss.update(loss, weight=len(y))
-        self.train_acc.update(logits, y)
+        sums = self._train_sums
+        sums[0] += loss.detach() * len(y)
+        if self.loss_kind == "ce":
+            sums[1] += (logits.argmax(-1) == y).sum()
+        sums[2] += len(y)
         # self.log costs ~0.3 ms a call: log per step only every log_every batches.
         if batch_idx % self.log_every == 0:
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -214,7 +235,8 @@ class Rule(L.LightningModule):
         x, y = batch
         logits = self.model(x)
         self.test_loss.update(self.task_loss(logits, y), weight=len(y))
-        self.test_acc.update(logits, y)
+        if self.loss_kind == "ce":
+            self.test_acc.update(logits, y)
 
     def on_fit_start(self):
         self.log_every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
@@ -236,19 +258,21 @@ class Rule(L.LightningModule):
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking or self._train_time is None:
             return
+        loss_sum, correct, seen = self._train_sums.tolist()
         row = {
             "epoch": self.current_epoch + 1,
-            "train_loss": float(self.train_loss.compute()),
-            "train_acc": float(self.train_acc.compute()),
+            "train_loss": loss_sum / seen if seen else math.nan,
+            "train_acc": correct / seen if seen and self.loss_kind == "ce" else None,
             "test_loss": float(self.test_loss.compute()),
-            "test_acc": float(self.test_acc.compute()),
+            "test_acc": float(self.test_acc.compute()) if self.loss_kind == "ce" else None,
             "train_time_s": self._train_time,
         }
-        for m in (self.train_loss, self.train_acc, self.test_loss, self.test_acc):
+        self._train_sums.zero_()
+        for m in (self.test_loss, self.test_acc):
             m.reset()
         self.history.append(row)
-        self.log_dict({"train/loss": row["train_loss"], "train/acc": row["train_acc"],
-                       "test/loss": row["test_loss"], "test/acc": row["test_acc"]},
+        self.log_dict({f"{split}/{m}": row[f"{split}_{m}"] for split in ("train", "test")
+                       for m in ("loss", "acc") if row[f"{split}_{m}"] is not None},
                       prog_bar=True)
         if not math.isfinite(row["train_loss"]):
             # A diverged run is stopped and reported as such, not trained on NaNs.
