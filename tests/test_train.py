@@ -173,3 +173,30 @@ def test_path_overrides_with_sweep_syntax_are_quoted():
     quote_path_overrides(argv)
     assert argv[1] == "resume='multirun/d/t/method=fa,model.depth=8/seed=1/checkpoints/last.ckpt'"
     assert argv[2:] == ["model.depth=8", "seed=1,2", "ckpt='already quoted'", "out=plain/dir"]
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa", "fa"])
+def test_bf16_mixed_precision_trains_and_measures_in_float64(make_cfg, method):
+    results = train(make_cfg(f"method={method}", *TINY_LADDER, "trainer.max_epochs=1",
+                             "trainer.precision=bf16-mixed"))
+    assert results["status"] == "completed"
+    assert all(v is not None and v == v for v in (results["final"]["train_loss"],
+                                                  results["final"]["test_acc"]))
+    for row in results["protocol"]["layers"]:
+        assert row["gamma"] is not None and abs(row["gamma"]) <= 1
+
+
+def test_gpu_trainer_without_cuda_is_a_clear_error(make_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="trainer=gpu"):
+        train(make_cfg("trainer=gpu", *TINY_LADDER))
+
+
+@pytest.mark.slow
+def test_wandb_logger_is_offline_by_default(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = train(make_cfg("logger=wandb", *TINY_LADDER, "trainer.max_epochs=1"))
+    assert results["config"]["logger"]["wandb"]["offline"] is True
+    runs = list((Path(results["output_dir"]) / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run directory written"

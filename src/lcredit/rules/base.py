@@ -38,12 +38,11 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def accumulate(params, grads, scale: float = 1.0) -> None:
-    """Add ``scale * grad`` into ``.grad`` (the optimizer applies it; rules never step)."""
+def accumulate(params, grads) -> None:
+    """Add ``grad`` into ``.grad`` (the optimizer applies it; rules never step)."""
     for p, g in zip(params, grads):
         if g is None:
             continue
-        g = g * scale if scale != 1.0 else g
         if p.grad is None:
             p.grad = g.detach().to(p.dtype)
         else:
@@ -178,10 +177,11 @@ class Rule(L.LightningModule):
         if self.needs_vjp:
             for l in reversed(range(depth)):
                 params = trainable(blocks[l]) if train_blocks else []
-                a = p.credits[l + 1].to(outs[l].dtype)
+                # Scale the (small) credit by 1/n rather than every parameter gradient.
+                a = (p.credits[l + 1] / n).to(outs[l].dtype)
                 g = torch.autograd.grad(outs[l], [ins[l]] + params, a, retain_graph=penalise)
-                accumulate(params, g[1:], 1.0 / n)
-                p.credits[l] = self.layer_credit(l, p, g[0].detach())
+                accumulate(params, g[1:])
+                p.credits[l] = self.layer_credit(l, p, g[0].detach() * n)
         else:
             for l in reversed(range(depth)):
                 p.credits[l] = self.layer_credit(l, p, None)
