@@ -29,7 +29,7 @@ test: dev
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench.py --readme README.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from lcredit import baseline
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
+from lcredit.diagnostics.protocol import finite
 from lcredit.cli import quote_path_overrides
 from lcredit.errors import ConfigError
 
@@ -115,7 +115,7 @@ def build_rule(cfg: DictConfig, task):
 
 def _loggers(cfg):
     out = []
-    for name, node in (cfg.get("logger") or {}).items():
+    for node in (cfg.get("logger") or {}).values():
         if node is not None and "_target_" in node:
             out.append(instantiate(node))
     return out or False
@@ -212,17 +212,8 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
 
 def write_json(path: Path, obj) -> None:
     """Atomic write; non-finite floats become null (valid JSON) rather than NaN tokens."""
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2))
+    tmp.write_text(json.dumps(finite(obj), indent=2))
     tmp.replace(path)
 
 

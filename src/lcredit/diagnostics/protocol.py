@@ -58,7 +58,7 @@ class Report:
         return asdict(self)
 
     def to_json(self, **kw) -> str:
-        return json.dumps(_finite(self.to_dict()), **({"indent": 2} | kw))
+        return json.dumps(finite(self.to_dict()), **({"indent": 2} | kw))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -204,11 +204,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _finite(o):
+def finite(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: finite(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [finite(v) for v in o]
     return o

@@ -14,6 +14,7 @@ restores the batch-mean scale, and with ``a = B g`` the parameter gradients are 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class Pass:
     credits: list = field(default_factory=list)  # filled top-down: credits[l] = a_l
     loss_kind: str = "ce"
 
-    @property
+    @functools.cached_property
     def error(self) -> torch.Tensor:
         """e = d(per-sample loss)/d output: softmax(logits) - onehot(y) for cross-entropy,
         output - y for the quadratic cost."""
@@ -81,6 +82,10 @@ class Rule(L.LightningModule):
 
     name = "rule"
     needs_vjp = False      # layer_credit wants the vjp of a_{l+1} through block l
+    # a_L = g_L and a_l = vjp(a_{l+1}) exactly (fa layerwise, frozen): the block-by-block chain
+    # then equals one backward pass through the rule's backward graph, which the shared update
+    # may run as such (same numbers, one autograd call instead of one per block).
+    credit_is_vjp = False
     trains_blocks = True   # frozen: blocks stay at their initialisation
 
     def __init__(self, model: BlockModel, input_shape, num_classes: int, optimizer=None,
@@ -152,6 +157,8 @@ class Rule(L.LightningModule):
         depth = len(blocks)
         # The penalty needs the block graphs a second time.
         penalise = update and self.trains_blocks and self.penalty_lam > 0
+        if self.credit_is_vjp and self.needs_vjp and not penalise:
+            return self._chained_pass(x, y, update)
         with self.backward_context():
             h0 = model.embed(x)
             ins, outs, h = [], [], h0
@@ -197,6 +204,31 @@ class Rule(L.LightningModule):
             torch.autograd.backward(self.penalty(blocks, ins, outs),
                                     inputs=[q for b in blocks for q in trainable(b)])
         return loss.detach(), logits.detach(), p.credits
+
+    def _chained_pass(self, x, y, update: bool):
+        """The block-local update for a rule whose credit is the vjp chain from the exact a_L,
+        in one backward call. Each block's parameter gradient is still <f_l, a_{l+1}>'s: the
+        gradient reaching h_{l+1} is a_{l+1} / B. The embedding is cut off and updated from
+        a_0 like every other rule's; no penalty here (its gradient must stay block-local)."""
+        model, n = self.model, x.shape[0]
+        with self.backward_context():
+            h0 = model.embed(x)
+            h = h0.detach().requires_grad_(True)
+            states = [h]
+            for block in model.blocks:
+                h = block(h)
+                states.append(h)
+            logits = model.readout(h)
+            loss = self.task_loss(logits, y)
+        head = trainable(model.readout) if update else []
+        body = [q for b in model.blocks for q in trainable(b)] if update and self.trains_blocks else []
+        grads = torch.autograd.grad(loss, states + head + body)
+        accumulate(head + body, grads[len(states):])
+        credits = [g.detach() * n for g in grads[:len(states)]]
+        if update:
+            torch.autograd.backward(h0, (credits[0] / n).to(h0.dtype),
+                                    inputs=trainable(model.embed))
+        return loss.detach(), logits.detach(), credits
 
     def penalty(self, blocks, ins, outs) -> torch.Tensor:
         """penalty_lam * sum over blocks of mean_batch ||f_l(h_l)||^2."""

@@ -33,15 +33,18 @@ class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, feedback = ctx.saved_tensors
+        dt = grad_out.dtype
+        if feedback.dtype != dt:  # under autocast the incoming gradient may be bf16
+            feedback, x = feedback.to(dt), x.to(dt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ feedback.to(grad_out.dtype)
-        flat_g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = grad_out @ feedback
+        if grad_out.dim() > 2:  # token sequences: (batch, tokens, features)
+            grad_out, x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
-            flat_x = x.reshape(-1, x.shape[-1]).to(flat_g.dtype)
-            grad_w = (flat_g.T @ flat_x).to(ctx.weight_dtype)
+            grad_w = (grad_out.T @ x).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = flat_g.sum(0).to(ctx.weight_dtype)
+            grad_b = grad_out.sum(0).to(ctx.weight_dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -101,7 +104,7 @@ class FA(Rule):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
         check_choice("method.variant", variant, ("layerwise", "blockwise"))
         self.variant = variant
-        self.needs_vjp = variant == "layerwise"
+        self.needs_vjp = self.credit_is_vjp = variant == "layerwise"
         self._sites = []
         if variant == "layerwise":
             for name, layer in feedback_sites(self.model.blocks):

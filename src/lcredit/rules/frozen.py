@@ -9,6 +9,7 @@ from lcredit.rules.base import Rule, trainable
 class Frozen(Rule):
     name = "frozen"
     needs_vjp = True       # the embedding's credit is the exact gradient through the blocks
+    credit_is_vjp = True
     trains_blocks = False
 
     def layer_credit(self, l, p, vjp):
