@@ -17,14 +17,21 @@ EVERY = ["protocol.every_n_epochs=1"]
 
 
 def test_bp_on_the_ladder_raises_no_alarm(make_cfg):
-    results = train(make_cfg("method=bp", *TINY_LADDER, *EVERY, "trainer.max_epochs=4"))
+    """No diagnostic fires at any measurement of a healthy bp run, (d) included: it is
+    compared with the frozen-blocks run trained alongside (protocol.frozen_baseline=auto)."""
+    results = train(make_cfg("method=bp", *TINY_LADDER, *EVERY, "trainer.max_epochs=4",
+                             "protocol.frozen_baseline=auto"))
     measured = [r["protocol"] for r in results["history"]]
     assert len(measured) == 4  # every epoch, as configured
     for m in measured:
-        assert not m["diagnostics"]["a"]["fired"] and not m["diagnostics"]["b"]["fired"]
+        for k in ("a", "b", "d"):
+            assert not m["diagnostics"][k]["fired"], (k, m["diagnostics"][k])
+        assert m["diagnostics"]["d"]["value"] is not None  # (d) was evaluated, not skipped
         assert m["aggregates"]["gamma_deep"] == pytest.approx(1, abs=1e-6)
+        assert m["verdict"] == "trustworthy"
     assert results["status"] == "completed" and results["abort"] is None
     assert results["protocol"]["verdict"] == "trustworthy"
+    assert all(results["protocol_first_fired"][k] is None for k in "abd")
 
 
 def test_abort_stops_early_and_reports_when_and_why(make_cfg):
