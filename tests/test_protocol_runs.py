@@ -120,6 +120,10 @@ def test_frozen_baseline_auto_trains_once_and_is_reused(make_cfg):
     assert (entries[0] / "results.json").stat().st_mtime_ns == stamp
     cached_run = json.loads((entries[0] / "results.json").read_text())
     assert cached_run["rule"] == "frozen" and cached_run["seed"] == 2
+    # The frozen run keeps its own checkpoint; the calling run's is the calling rule's.
+    assert Path(cached_run["checkpoint"]) == entries[0] / "checkpoints" / "last.ckpt"
+    own = torch.load(first["checkpoint"], map_location="cpu", weights_only=False)
+    assert own["lcredit"]["rule"] == "dfa"
     third = train(make_cfg("method=dfa", *common, "seed=3", out="three"))  # another seed
     assert third["frozen_baseline"]["cached"] is False
     d = second["protocol"]["diagnostics"]["d"]

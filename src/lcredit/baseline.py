@@ -48,7 +48,9 @@ def cache_key(cfg: DictConfig) -> str:
 
 def frozen_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
     frozen = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "method" / "frozen.yaml")
-    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    # Unresolved, so ${paths.output_dir} in the callbacks points at the cache dir set below
+    # (resolved early, the frozen run's checkpoint would land in the calling run's directory).
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(new):
         new.method = frozen
         new.resume = None
