@@ -25,3 +25,23 @@ def make_cfg(tmp_path):
     def make(*overrides, out="run"):
         return compose_cfg(tmp_path / out, *overrides)
     return make
+
+
+def assert_resume_exact(make_cfg, *common):
+    """A run stopped after 2 epochs and resumed to 3 ends exactly where an uninterrupted
+    3-epoch run does: metrics, history and every tensor in the checkpoint (bitwise on CPU)."""
+    import torch
+
+    from lcredit.train import train
+
+    full = train(make_cfg(*common, "trainer.max_epochs=3", out="full"))
+    part = train(make_cfg(*common, "trainer.max_epochs=2", out="part"))
+    resumed = train(make_cfg(*common, "trainer.max_epochs=3", f"resume={part['checkpoint']}",
+                             out="resumed"))
+    assert resumed["final"] == full["final"]
+    assert [r["test_acc"] for r in resumed["history"]] == [r["test_acc"] for r in full["history"]]
+    a, b = (torch.load(r["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+            for r in (full, resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

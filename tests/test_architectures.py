@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lcredit
-from conftest import compose_cfg
+from conftest import assert_resume_exact, compose_cfg
 from lcredit.data import DeviceBatches, build_task
 from lcredit.errors import ConfigError
 from lcredit.train import build_rule, fit_task, train
@@ -163,13 +163,5 @@ def test_random_targets_replace_every_label(tmp_path, data):
     ("student", ["model.d=32", "model.depth=2"]),
 ])
 def test_resume_is_exact_for_each_model(make_cfg, arch, extra):
-    common = ["method=dfa", *ARCHS[arch], *extra, "data.n_train=256", "data.n_test=64",
-              "data.batch_size=64"]
-    full = train(make_cfg(*common, "trainer.max_epochs=3", out="full"))
-    part = train(make_cfg(*common, "trainer.max_epochs=2", out="part"))
-    resumed = train(make_cfg(*common, "trainer.max_epochs=3", f"resume={part['checkpoint']}",
-                             out="resumed"))
-    assert resumed["final"] == full["final"]
-    a = torch.load(full["checkpoint"], weights_only=False)["state_dict"]
-    b = torch.load(resumed["checkpoint"], weights_only=False)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_exact(make_cfg, "method=dfa", *ARCHS[arch], *extra, "data.n_train=256",
+                        "data.n_test=64", "data.batch_size=64")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lcredit
+import lcredit.models
 from lcredit.diagnostics import judge, measure
 from lcredit.diagnostics import metrics as M
 from lcredit.models import ResMLP
@@ -215,3 +216,26 @@ def test_bad_thresholds_are_named():
 
     with pytest.raises(ConfigError, match="thresholds.e"):
         lcredit.diagnose(model(), batches(k=1), thresholds={"e": 1})
+
+
+def test_diagnose_takes_any_module_with_embed_blocks_readout():
+    """SPEC §6: no lcredit base class needed — a plain nn.Module with the three parts."""
+    from torch import nn
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(SHAPE[0], 24)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(24, 24), nn.Tanh())
+                                        for _ in range(3))
+            self.readout = nn.Linear(24, C)
+
+    net = Plain()
+    assert not isinstance(net, lcredit.models.BlockModel)
+
+    def true_credit(m, x, y):
+        return exact_gradients(m, x, y)[1]
+    rep = lcredit.diagnose(net, batches(k=2), credit=true_credit)
+    assert len(rep.layers) == 4
+    assert all(r["gamma"] == pytest.approx(1, abs=1e-9) for r in rep.layers)
+    assert rep.verdict == "trustworthy"

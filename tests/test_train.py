@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_LADDER
+from conftest import TINY_LADDER, assert_resume_exact
 from lcredit.data import build_task
 from lcredit.errors import ConfigError
 from lcredit.train import build_rule, train
@@ -29,17 +29,7 @@ def initial_rule(cfg):
 
 @pytest.mark.parametrize("method", ["dfa", "fa", "bp"])
 def test_resume_equals_uninterrupted_run(make_cfg, method):
-    common = [f"method={method}", *TINY_LADDER, "seed=3"]
-    full = train(make_cfg(*common, "trainer.max_epochs=3", out="full"))
-    part = train(make_cfg(*common, "trainer.max_epochs=2", out="part"))
-    resumed = train(make_cfg(*common, "trainer.max_epochs=3", f"resume={part['checkpoint']}",
-                             out="resumed"))
-    assert resumed["final"] == full["final"]  # bitwise on CPU
-    assert [r["test_acc"] for r in resumed["history"]] == [r["test_acc"] for r in full["history"]]
-    a, b = load_ckpt(full)["state_dict"], load_ckpt(resumed)["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_exact(make_cfg, f"method={method}", *TINY_LADDER, "seed=3")
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_cfg):

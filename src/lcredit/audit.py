@@ -77,28 +77,22 @@ def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> R
         with open_dict(cfg):
             cfg.protocol.frozen_baseline = frozen_baseline
         fb = baseline.resolve(cfg, train_fn=_no_training)
-    if fb and fb.get("source") == "self":
-        base = headline
-    elif fb:
-        hist = fb.get("history_acc") or []
-        base = hist[epoch - 1] if 0 < epoch <= len(hist) else fb.get("final_acc")
-    else:
-        base = None
-    k = max(int(p.eval_batches), int(p.stability_batches))
-    all_b = evaluation_batches(task.x_train, task.y_train, k, int(p.batch_size), int(p.seed))
+    eval_b, stab_b = evaluation_batches(task.x_train, task.y_train, int(p.eval_batches),
+                                        int(p.stability_batches), int(p.batch_size), int(p.seed))
     th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | dict(thresholds or {})
     # first_fired from the run: the audit of the last state must not forget earlier firings.
     first = (ckpt["lcredit"].get("protocol_state") or {}).get("first_fired")
-    return diagnose(None, all_b[:int(p.eval_batches)], credit=rule, headline_acc=headline,
-                    frozen_baseline_acc=base, thresholds=th,
-                    stability_batches=all_b[:int(p.stability_batches)], epoch=epoch,
+    return diagnose(None, eval_b, credit=rule, headline_acc=headline,
+                    frozen_baseline_acc=baseline.accuracy_at(fb, epoch, headline), thresholds=th,
+                    stability_batches=stab_b, epoch=epoch,
                     first_fired=first, seed=int(p.seed),
                     **OmegaConf.to_container(p.measure, resolve=True))
 
 
 def _no_training(cfg):
-    raise ConfigError("audit: frozen_baseline=auto needs no cached frozen run; train it first "
-                      "with `python -m lcredit.train method=frozen ...` or give a number/path")
+    raise ConfigError("audit: frozen_baseline=auto would train a frozen run, and an audit only "
+                      "reads; give a number or a frozen run's results.json (e.g. from "
+                      "`python -m lcredit.train method=frozen ...`)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")

@@ -96,3 +96,14 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
     log.info("frozen baseline: training the frozen-blocks run into %s", out_dir)
     train_fn(frozen_config(cfg, out_dir))
     return from_results(cached) | {"cached": False}
+
+
+def accuracy_at(frozen_baseline: dict | None, epoch: int, headline_acc=None):
+    """The comparator for a measurement at ``epoch``: the frozen run's accuracy at the same
+    epoch when its history is known (fair mid-run), else its final; a frozen run is its own."""
+    if not frozen_baseline:
+        return None
+    if frozen_baseline.get("source") == "self":
+        return headline_acc
+    hist = frozen_baseline.get("history_acc") or []
+    return hist[epoch - 1] if 0 < epoch <= len(hist) else frozen_baseline.get("final_acc")

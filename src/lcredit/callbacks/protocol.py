@@ -9,6 +9,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lcredit.baseline import accuracy_at
 from lcredit.diagnostics import diagnose
 from lcredit.diagnostics.protocol import DEFAULT_THRESHOLDS, check_thresholds
 from lcredit.errors import ConfigError
@@ -19,14 +20,16 @@ LAYER_METRICS = ("hidden_norm", "bp_grad_norm", "gamma", "gamma_flat", "rho", "n
                  "null_gamma", "costate_cosine")
 
 
-def evaluation_batches(x, y, n_batches: int, batch_size: int, seed: int = 0):
-    """The fixed evaluation batches: the same training samples at every measurement and in a
-    post-hoc audit (a function of the data and ``seed`` only)."""
-    n = min(len(x), n_batches * batch_size)
+def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_size: int,
+                       seed: int = 0):
+    """The fixed evaluation batches (metrics, stability): the same training samples at every
+    measurement and in a post-hoc audit — a function of the data and ``seed`` only."""
+    n = min(len(x), max(eval_batches, stability_batches) * batch_size)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:n]
     order = order.to(x.device)
-    return [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
-            for i in range(0, n, batch_size)]
+    batches = [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
+               for i in range(0, n, batch_size)]
+    return batches[:eval_batches], batches[:stability_batches]
 
 
 class ProtocolMonitor(Callback):
@@ -57,20 +60,9 @@ class ProtocolMonitor(Callback):
             loader = trainer.train_dataloader
             if not hasattr(loader, "x"):
                 raise ConfigError("protocol: the training data must be lcredit DeviceBatches")
-            k = max(self.n_eval, self.n_stab)
-            all_b = evaluation_batches(loader.x, loader.y, k, self.batch_size, self.seed)
-            self._batches = (all_b[:self.n_eval], all_b[:self.n_stab])
+            self._batches = evaluation_batches(loader.x, loader.y, self.n_eval, self.n_stab,
+                                               self.batch_size, self.seed)
         return self._batches
-
-    def baseline_at(self, epoch: int, headline_acc=None):
-        fb = self.frozen_baseline
-        if not fb:
-            return None
-        if fb.get("source") == "self":  # a frozen-blocks run is its own comparator
-            return headline_acc
-        hist = fb.get("history_acc") or []
-        # The frozen run at the same epoch is the fair comparator mid-run; else its final.
-        return hist[epoch - 1] if 0 < epoch <= len(hist) else fb.get("final_acc")
 
     # ----------------------------------------------------------------- schedule
     def due(self, trainer) -> bool:
@@ -94,7 +86,7 @@ class ProtocolMonitor(Callback):
         eval_b, stab_b = self.batches(trainer)
         state = pl_module.protocol_state
         report = diagnose(None, eval_b, credit=pl_module, headline_acc=headline_acc,
-                          frozen_baseline_acc=self.baseline_at(epoch, headline_acc),
+                          frozen_baseline_acc=accuracy_at(self.frozen_baseline, epoch, headline_acc),
                           thresholds=self.thresholds, stability_batches=stab_b,
                           epoch=epoch, first_fired=state.get("first_fired"),
                           seed=self.seed, **self.measure_opts)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lcredit.data import Task
+from lcredit.models.base import hidden_states
 from lcredit.errors import ConfigError, check_range
 
 
@@ -28,7 +29,7 @@ def check_linear_resmlp(model) -> None:
 @torch.no_grad()
 def lq_costate(model, x, y):
     """Exact per-sample adjoint p_0..p_L of 1/2||W h_L + b - y||^2 (row-vector convention)."""
-    hs = model.states(x)
+    hs = hidden_states(model, x)
     head = model.readout.head
     p = (head(hs[-1]) - y) @ head.weight
     out = [p]

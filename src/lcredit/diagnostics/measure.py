@@ -9,6 +9,7 @@ import statistics
 import torch
 
 from lcredit.diagnostics import metrics as M
+from lcredit.models.base import exact_credit
 
 DEFAULTS = dict(rho_samples=128, rho_directions=8, rho_eps=1e-3, nudge_step=1e-2,
                 null_draws=3, seed=0)
@@ -29,16 +30,6 @@ def measuring_copy(obj, dtype=torch.float64):
 
 def _is_rule(obj) -> bool:
     return hasattr(obj, "credit") and hasattr(obj, "model") and hasattr(obj, "compute_gradients")
-
-
-def exact_credit(model, x, y, loss_fn):
-    """BP's per-sample credit B * dLoss/dh_l (batch-mean loss), and the states."""
-    with torch.enable_grad():
-        hs = model.states(x)
-        hs_leaf = [h for h in hs]
-        loss = loss_fn(model.readout(hs[-1]), y).mean()
-        grads = torch.autograd.grad(loss * x.shape[0], hs_leaf)
-    return [h.detach() for h in hs], [g.detach() for g in grads]
 
 
 def fresh_feedback_copies(rule, draws: int, generator: torch.Generator):
@@ -139,7 +130,7 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
     missing = [0] * n_layers
     rho = nudge = None
     for bi, (x, y) in enumerate(batches):
-        states, grads = exact_credit(net, x, y, loss_fn)
+        states, grads = exact_credit(net, x, y, lambda o, t: loss_fn(o, t).mean())
         n = x.shape[0]
         for l in range(n_layers):
             acc["norm"][l].append(M.row_norms(states[l]))

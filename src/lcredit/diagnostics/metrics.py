@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lcredit.models.base import run_blocks
+
 # Below this a norm is treated as underflowed: a cosine against it is noise, not alignment.
 TINY = 1e-30
 
@@ -50,9 +52,7 @@ def flat_cosine(a: torch.Tensor, g: torch.Tensor) -> float:
 
 def forward_from(model, l: int, h: torch.Tensor) -> torch.Tensor:
     """Logits obtained by running the rest of the network forward from h_l."""
-    for block in list(model.blocks)[l:]:
-        h = block(h)
-    return model.readout(h)
+    return model.readout(run_blocks(model, h, start=l)[-1])
 
 
 def per_sample_loss(model, l, h, y, loss_fn) -> torch.Tensor:

@@ -19,16 +19,36 @@ class BlockModel(nn.Module):
         return len(self.blocks)
 
     def states(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden states h_0 .. h_L (connected in one autograd graph)."""
-        h = self.embed(x)
-        hs = [h]
-        for block in self.blocks:
-            h = block(h)
-            hs.append(h)
-        return hs
+        return hidden_states(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.states(x)[-1])
+        return self.readout(hidden_states(self, x)[-1])
+
+
+# Rules and diagnostics call these, not methods, so any module with embed / blocks / readout
+# works with them (SPEC §6: the Python API needs nothing else of a model).
+def run_blocks(model, h: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+    """[h_start, ..., h_L]: the blocks from ``start`` on, applied to ``h`` = h_start."""
+    hs = [h]
+    for block in list(model.blocks)[start:]:
+        h = block(h)
+        hs.append(h)
+    return hs
+
+
+def hidden_states(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states h_0 .. h_L (connected in one autograd graph)."""
+    return run_blocks(model, model.embed(x))
+
+
+def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
+    """States h_l and backprop's per-sample credit B * dLoss/dh_l, where ``loss_fn(logits, y)``
+    is the batch-mean task loss (the reference every rule is measured against)."""
+    with torch.enable_grad():
+        hs = hidden_states(model, x)
+        loss = loss_fn(model.readout(hs[-1]), y)
+        grads = torch.autograd.grad(loss * x.shape[0], hs)
+    return [h.detach() for h in hs], [g.detach() for g in grads]
 
 
 def block_branch(block: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:

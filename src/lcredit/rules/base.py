@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lcredit.errors import check_range
-from lcredit.models.base import BlockModel, block_branch
+from lcredit.models.base import BlockModel, block_branch, exact_credit, hidden_states, run_blocks
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -213,12 +213,8 @@ class Rule(L.LightningModule):
         model, n = self.model, x.shape[0]
         with self.backward_context():
             h0 = model.embed(x)
-            h = h0.detach().requires_grad_(True)
-            states = [h]
-            for block in model.blocks:
-                h = block(h)
-                states.append(h)
-            logits = model.readout(h)
+            states = run_blocks(model, h0.detach().requires_grad_(True))
+            logits = model.readout(states[-1])
             loss = self.task_loss(logits, y)
         head = trainable(model.readout) if update else []
         body = [q for b in model.blocks for q in trainable(b)] if update and self.trains_blocks else []
@@ -331,7 +327,7 @@ class Rule(L.LightningModule):
         try:
             param = next(self.model.parameters())
             x = torch.zeros(2, *self.input_shape, device=param.device, dtype=param.dtype)
-            shapes = [h.shape[1:] for h in self.model.states(x)]
+            shapes = [h.shape[1:] for h in hidden_states(self.model, x)]
         finally:
             self.model.train(was_training)
         return shapes
@@ -340,11 +336,7 @@ class Rule(L.LightningModule):
         return math.prod(self.state_shapes[l])
 
 
-def exact_gradients(model: BlockModel, x, y, loss_fn=None) -> tuple[torch.Tensor, list]:
-    """Backprop's per-sample credit B * dLoss/dh_l for l = 0..L (the reference)."""
-    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(at_least_fp32(logits), t))
-    with torch.enable_grad():
-        hs = model.states(x)
-        loss = loss_fn(model.readout(hs[-1]), y)
-        grads = torch.autograd.grad(loss * x.shape[0], hs)
-    return loss.detach(), [g.detach() for g in grads]
+def exact_gradients(model, x, y, loss_fn=None) -> tuple[list, list]:
+    """(states, backprop's per-sample credit B * dLoss/dh_l) for the cross-entropy default."""
+    return exact_credit(model, x, y,
+                        loss_fn or (lambda logits, t: F.cross_entropy(at_least_fp32(logits), t)))

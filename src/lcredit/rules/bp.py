@@ -1,12 +1,13 @@
 """End-to-end backpropagation: the reference every other rule is measured against."""
-from lcredit.rules.base import Rule, exact_gradients
+from lcredit.models.base import exact_credit, hidden_states
+from lcredit.rules.base import Rule
 
 
 class BP(Rule):
     name = "bp"
 
     def compute_gradients(self, x, y):
-        hs = self.model.states(x)
+        hs = hidden_states(self.model, x)
         logits = self.model.readout(hs[-1])
         loss = self.task_loss(logits, y)
         total = loss
@@ -18,4 +19,4 @@ class BP(Rule):
         return loss.detach(), logits.detach()
 
     def credit(self, x, y):
-        return exact_gradients(self.model, x, y, self.task_loss)[1]
+        return exact_credit(self.model, x, y, self.task_loss)[1]
