@@ -20,6 +20,18 @@ def compose_cfg(out_dir, *overrides):
                                             *QUIET, *overrides])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny tensors: one thread is faster, and on a loaded 2-core machine two
+    threads spinning on every small op are many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     def make(*overrides, out="run"):

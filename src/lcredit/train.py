@@ -113,6 +113,36 @@ def build_rule(cfg: DictConfig, task):
     return rule
 
 
+def branch_from(rule, path) -> dict | None:
+    """Start ``rule`` from another run's checkpoint: the network always (same architecture
+    required), and every other tensor of the rule's state the checkpoint holds with the same
+    shape (feedback matrices, estimators), except what the rule keeps fresh
+    (``fresh_on_branch`` prefixes). Returns what was taken, for results.json."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from={path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt["state_dict"]
+    except Exception as err:  # noqa: BLE001 — any unreadable file gets the same clear message
+        raise ConfigError(f"init_from={path}: not a readable Lightning checkpoint ({err})") from None
+    own = rule.state_dict()
+    model_keys = [k for k in own if k.startswith("model.")]
+    bad = [k for k in model_keys if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        raise ConfigError(f"init_from={path}: its network does not match this model "
+                          f"(e.g. {bad[0]}); branch with the same model settings")
+    taken = [k for k in own if k in state and state[k].shape == own[k].shape
+             and not k.startswith(tuple(getattr(rule, "fresh_on_branch", ())))]
+    rule.load_state_dict({k: state[k] for k in taken}, strict=False)
+    src = ckpt.get("lcredit", {})
+    history = src.get("history") or []
+    return {"checkpoint": str(path), "rule": src.get("rule"),
+            "epoch": history[-1]["epoch"] if history else 0,
+            "loaded": sorted({k.split(".")[0] for k in taken})}
+
+
 def _loggers(cfg):
     out = []
     for node in (cfg.get("logger") or {}).values():
@@ -156,6 +186,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     rule = build_rule(cfg, task)
     rule.run_config = resolved
     rule.frozen_baseline = frozen_baseline
+    branched = branch_from(rule, cfg.get("init_from"))
 
     train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
                                   seed=int(cfg.seed), random_targets=bcfg["random_targets"],
@@ -197,6 +228,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
         "protocol_time_s": rule.protocol_state.get("seconds", 0.0),
         "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
+        "init_from": branched,
         "checkpoint": str(ckpt) if ckpt.exists() else None,
         "output_dir": str(out_dir),
         "config": resolved,

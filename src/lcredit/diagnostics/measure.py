@@ -10,6 +10,7 @@ import torch
 
 from lcredit.diagnostics import metrics as M
 from lcredit.models.base import exact_credit
+from lcredit.rules.base import local_update_gradients
 
 DEFAULTS = dict(rho_samples=128, rho_directions=8, rho_eps=1e-3, nudge_step=1e-2,
                 null_draws=3, seed=0)
@@ -34,8 +35,9 @@ def _is_rule(obj) -> bool:
 
 def fresh_feedback_copies(rule, draws: int, generator: torch.Generator):
     """Copies of ``rule`` with its fixed random feedback redrawn (``draw_feedback``): what
-    alignment looks like by chance. None for a rule without feedback (it gets a DFA null)."""
-    if not hasattr(rule, "draw_feedback"):
+    alignment looks like by chance. None for a rule whose credit is not its feedback (a learned
+    estimator keeps DFA's feedback only as a fallback): it gets a DFA null."""
+    if not hasattr(rule, "draw_feedback") or not getattr(rule, "credit_is_feedback", True):
         return None
     out = []
     for _ in range(draws):
@@ -66,14 +68,10 @@ def block_update_directions(source, model, batches, loss_fn):
             with torch.enable_grad():
                 source.compute_gradients(x, y)
         else:  # the shared block-local surrogate with the function's credit
-            credits = source(model, x, y)
-            with torch.enable_grad():
-                h = model.embed(x).detach()
-                for l, block in enumerate(model.blocks):
-                    out = block(h)
-                    a = credits[l + 1].to(out.dtype)
-                    ((out * a).flatten(1).sum(1).mean()).backward()
-                    h = out.detach()
+            params = [q for b in model.blocks for q in b.parameters()]
+            grads = local_update_gradients(model, x, source(model, x, y), params)
+            for q, g in zip(params, grads):
+                q.grad = g
         per_block = []
         for block in model.blocks:
             gs = [p.grad.flatten() for p in block.parameters() if p.grad is not None]

@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 from torch import nn
 
@@ -54,3 +56,21 @@ def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
 def block_branch(block: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     """f_l(h_l): the residual branch of a residual block, else its whole output."""
     return h_out - h_in if getattr(block, "residual", False) else h_out
+
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module):
+    """Run extra forward passes (a relaxation, perturbed copies of a batch) on copies of every
+    buffer, then put the originals back: BatchNorm in train mode would otherwise fold each pass
+    into its running statistics. The originals are swapped, never written in place: the
+    training pass's graph may have saved them."""
+    originals = [(m, name, b) for m in module.modules()
+                 for name, b in m.named_buffers(recurse=False)]
+    for m, name, b in originals:
+        setattr(m, name, b.clone())
+    try:
+        yield
+    finally:
+        for m, name, b in originals:
+            setattr(m, name, b)

@@ -124,6 +124,13 @@ class Rule(L.LightningModule):
         """a_l for l < L, called top-down (``p.credits[l+1]`` is set)."""
         raise NotImplementedError
 
+    def updates_model(self) -> bool:
+        """False while a rule trains only its auxiliary state (prefit / refit phases)."""
+        return True
+
+    def train_auxiliary(self, p: Pass) -> None:
+        """Accumulate the gradients of the rule's own estimator on this pass (none by default)."""
+
     def backward_context(self):
         """Context under which the forward pass is recorded (fa substitutes its feedback)."""
         return contextlib.nullcontext()
@@ -155,10 +162,11 @@ class Rule(L.LightningModule):
         model, n = self.model, x.shape[0]
         blocks = list(model.blocks)
         depth = len(blocks)
+        train_model = update and self.updates_model()
         # The penalty needs the block graphs a second time.
-        penalise = update and self.trains_blocks and self.penalty_lam > 0
+        penalise = train_model and self.trains_blocks and self.penalty_lam > 0
         if self.credit_is_vjp and self.needs_vjp and not penalise:
-            return self._chained_pass(x, y, update)
+            return self._chained_pass(x, y, train_model)
         with self.backward_context():
             h0 = model.embed(x)
             ins, outs, h = [], [], h0
@@ -173,14 +181,14 @@ class Rule(L.LightningModule):
             loss = self.task_loss(logits, y)
 
         # Readout: its exact, output-local gradient; g_top is dLoss/dh_L (batch mean).
-        head = trainable(model.readout) if update else []
+        head = trainable(model.readout) if train_model else []
         grads = torch.autograd.grad(loss, [top] + head)
         accumulate(head, grads[1:])
         p = Pass(x, y, logits.detach(), [h0.detach()] + [o.detach() for o in outs],
                  grads[0].detach() * n, [None] * (depth + 1), self.loss_kind)
         p.credits[depth] = self.top_credit(p)
 
-        train_blocks = update and self.trains_blocks
+        train_blocks = train_model and self.trains_blocks
         if self.needs_vjp:
             for l in reversed(range(depth)):
                 params = trainable(blocks[l]) if train_blocks else []
@@ -197,12 +205,14 @@ class Rule(L.LightningModule):
                 torch.autograd.backward(
                     outs, [(p.credits[l + 1] / n).to(outs[l].dtype) for l in range(depth)],
                     inputs=params, retain_graph=penalise)
-        if update:
+        if train_model:
             torch.autograd.backward(h0, (p.credits[0] / n).to(h0.dtype),
                                     inputs=trainable(model.embed))
         if penalise:
             torch.autograd.backward(self.penalty(blocks, ins, outs),
                                     inputs=[q for b in blocks for q in trainable(b)])
+        if update:
+            self.train_auxiliary(p)
         return loss.detach(), logits.detach(), p.credits
 
     def _chained_pass(self, x, y, update: bool):
@@ -334,6 +344,21 @@ class Rule(L.LightningModule):
 
     def state_dim(self, l: int) -> int:
         return math.prod(self.state_shapes[l])
+
+
+def local_update_gradients(model, x, credits, params) -> tuple:
+    """Gradients for ``params`` of the block-local surrogate sum_l mean_batch
+    <f_l(sg h_l), sg a_{l+1}> with the given per-sample credits (for a credit that is not a
+    rule's: a function's, backprop's, a normalised one)."""
+    with torch.enable_grad():
+        h, outs = model.embed(x).detach(), []
+        for block in model.blocks:
+            outs.append(block(h))
+            h = outs[-1].detach()
+        n = x.shape[0]
+        return torch.autograd.grad(outs, params, [(credits[l + 1] / n).to(o.dtype)
+                                                  for l, o in enumerate(outs)],
+                                   allow_unused=True)
 
 
 def exact_gradients(model, x, y, loss_fn=None) -> tuple[list, list]:

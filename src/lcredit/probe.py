@@ -1,0 +1,146 @@
+"""Frozen-snapshot credit recovery: ``python -m lcredit.probe ckpt=<path> rules=[dfa,sb,cb,vec]``.
+
+Trains each credit estimator on a frozen snapshot of a trained network (the network never
+changes; only the estimator learns) and reports gamma, rho and nudge per layer on the snapshot's
+own evaluation batches: how much of the true credit an estimator *can* recover from that
+network, separated from whether training with it would have reached that network.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lcredit.callbacks.protocol import evaluation_batches
+from lcredit.cli import quote_path_overrides
+from lcredit.data import DeviceBatches
+from lcredit.diagnostics import measure
+from lcredit.errors import ConfigError
+from lcredit.rules.estimator import Estimator
+from lcredit.train import CONF_DIR, build_rule, write_json
+
+METHOD_DIR = Path(CONF_DIR) / "method"
+
+
+def method_config(name: str, overrides=None) -> DictConfig:
+    path = METHOD_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in METHOD_DIR.glob("*.yaml")))
+        raise ConfigError(f"rule {name!r}: no conf/method/{name}.yaml (known: {known})")
+    node = OmegaConf.load(path)
+    return OmegaConf.merge(node, overrides or {})
+
+
+def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None):
+    """A fresh ``name`` rule wrapped around a copy of the snapshot's network (its own
+    feedback and estimator freshly initialised from the run's seed)."""
+    run_cfg = copy.deepcopy(cfg)
+    with open_dict(run_cfg):
+        run_cfg.method = method_config(name, overrides)
+    torch.manual_seed(int(cfg.seed))
+    rule = build_rule(run_cfg, task)
+    rule.model.load_state_dict(snapshot.model.state_dict())
+    rule.run_config = OmegaConf.to_container(run_cfg, resolve=True)
+    return rule
+
+
+def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
+    """``steps`` estimator-only updates on the frozen network; returns the estimator loss of
+    the first and last tenth of the steps (mean over each)."""
+    if not isinstance(rule, Estimator) or steps == 0:
+        return []
+    rule.updates_model = lambda: False   # the snapshot stays frozen: only the estimator learns
+    opt = rule.configure_optimizers()
+    losses, done = [], 0
+    while done < steps:
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            before = rule._aux_sums[0].item()
+            rule.compute_gradients(x, y)
+            opt.step()
+            losses.append(rule._aux_sums[0].item() - before)
+            done += 1
+            if done == steps:
+                break
+        batches.sampler.set_epoch(batches.sampler.epoch + 1)
+    del rule.updates_model
+    k = max(1, steps // 10)
+    return [sum(losses[:k]) / k, sum(losses[-k:]) / k]
+
+
+def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None,
+          batch_size=None, data_root=None) -> dict:
+    from lcredit.audit import load_checkpoint, restore
+
+    ckpt = load_checkpoint(ckpt_path)
+    snapshot, task, cfg = restore(ckpt, data_root)
+    p = cfg.protocol
+    eval_b, _ = evaluation_batches(task.x_train, task.y_train, int(p.eval_batches), 2,
+                                   int(p.batch_size), int(p.seed))
+    bs = int(batch_size or cfg.data.get("batch_size", 128))
+    reference = {k: v.clone() for k, v in snapshot.model.state_dict().items()}
+    out = {"snapshot": str(ckpt_path), "snapshot_rule": snapshot.name,
+           "snapshot_epoch": (snapshot.history[-1]["epoch"] if snapshot.history else 0),
+           "task": task.name, "steps": int(steps), "rules": {}}
+    for name in rules:
+        rule = rule_on_snapshot(snapshot, cfg, task, name, (overrides or {}).get(name))
+        batches = DeviceBatches(task.x_train, task.y_train, bs, shuffle=True, seed=int(cfg.seed))
+        loss = fit_estimator(rule, batches, int(steps))
+        for k, v in rule.model.state_dict().items():
+            if not torch.equal(v, reference[k]):  # would make every number below meaningless
+                raise RuntimeError(f"probe: the snapshot changed while fitting {name} ({k})")
+        m = measure(None, eval_b, rule, stability_batches=[],
+                    **OmegaConf.to_container(p.measure, resolve=True))
+        out["rules"][name] = {
+            "estimator_loss_first_last": loss,
+            "layers": [{k: row.get(k) for k in ("layer", "gamma", "rho", "nudge", "null_gamma")}
+                       for row in m["layers"]],
+            "aggregates": {k: m["aggregates"][k] for k in m["aggregates"] if "gamma" in k},
+        }
+    return out
+
+
+def to_markdown(result: dict, metrics=("gamma", "rho", "nudge")) -> str:
+    rules = list(result["rules"])
+    depth = len(next(iter(result["rules"].values()))["layers"])
+    lines = [f"# Probe of {result['snapshot']} ({result['snapshot_rule']}, epoch "
+             f"{result['snapshot_epoch']}; {result['steps']} estimator steps)", ""]
+    for metric in metrics:
+        lines += [f"## {metric}", "", "| layer | " + " | ".join(rules) + " |",
+                  "|---|" + "---|" * len(rules)]
+        for l in range(depth):
+            cells = [result["rules"][r]["layers"][l][metric] for r in rules]
+            lines.append(f"| {l} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in cells) + " |")
+        lines.append("")
+    lines += ["| aggregate | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    for key in ("gamma_0", "gamma_deep", "gamma_hidden"):
+        cells = [result["rules"][r]["aggregates"].get(key) for r in rules]
+        lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = probe(cfg.ckpt, list(cfg.rules), int(cfg.steps),
+                       OmegaConf.to_container(cfg.overrides, resolve=True), cfg.batch_size,
+                       cfg.data_root)
+    except ConfigError as err:
+        print(f"lcredit.probe: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe.json", result)
+    text = to_markdown(result)
+    (out / "probe.md").write_text(text)
+    print(text)
+    print(f"probe: {out / 'probe.json'}")
+
+
+if __name__ == "__main__":
+    quote_path_overrides()
+    main()

@@ -1,0 +1,156 @@
+"""Scaffold blends: a = alpha * a_aux + (1 - alpha) * a_dfa, with an auxiliary source chosen
+to dissect what a learned credit field contributes (SPEC §3).
+
+Sources (``source``):
+- ``vec``: the vector credit field, trained online on its perturbation targets (and taken
+  from ``init_from``'s checkpoint when there is one);
+- ``random_trainable``: the same network from a random init (never branched), same objective;
+- ``shuffled_trainable``: trained on targets shuffled across samples;
+- ``fresh_random_target``: trained toward new Gaussian targets every step;
+- ``zero_target``: trained toward zero;
+- ``time_only``: the network sees the layer index only;
+- ``constant_input``: the network sees one constant input (for every sample and layer);
+- ``perlayer_vector``: one trainable vector per layer, on the vec objective;
+- ``gaussian_noise``: fresh Gaussian noise, nothing trained;
+- ``frozen_random``: the network at its random init, never trained;
+- ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
+
+With ``credit_norm`` the aux credit is rescaled, per sample, to the RMS of DFA's credit, so alpha
+mixes directions of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
+Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
+(``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
+moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
+"""
+import torch
+from torch import nn
+
+from lcredit.errors import check_choice, check_range
+from lcredit.rules.base import Pass, at_least_fp32
+from lcredit.rules.estimator import per_sample_sq, rms_normalise
+from lcredit.rules.vec import VEC
+
+SOURCES = ("vec", "random_trainable", "shuffled_trainable", "fresh_random_target",
+           "zero_target", "time_only", "constant_input", "perlayer_vector", "gaussian_noise",
+           "frozen_random", "dfa_norm_matched")
+UNTRAINED = ("gaussian_noise", "frozen_random")
+
+
+class PerLayerVector(nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self.vectors = nn.ParameterList(nn.Parameter(torch.zeros(s)) for s in shapes)
+
+    def forward(self, h, t, s):
+        return self.vectors[t].to(h.dtype).expand_as(h)
+
+
+class Blend(VEC):
+    name = "blend"
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
+                 M=4, eps=1e-3, one_sided=False, terminal_weight=1.0, shuffle_targets=False,
+                 source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
+                 freeze_after=None, decay_to=None, decay_epochs=0):
+        check_choice("method.source", source, SOURCES)
+        self.source = source
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
+                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
+                         periodic_refit, topdown, M, eps, one_sided, terminal_weight,
+                         shuffle_targets)
+        check_range("method.alpha", alpha, 0.0, 1.0)
+        check_choice("method.alpha_decay", alpha_decay, ("constant", "linear"))
+        check_range("method.alpha_end", alpha_end, 0.0, 1.0)
+        if freeze_after is not None:
+            check_range("method.freeze_after", freeze_after, 0)
+        if decay_to is not None:
+            check_range("method.decay_to", decay_to, 0.0, 1.0)
+        check_range("method.decay_epochs", decay_epochs, 0)
+        self.alpha, self.alpha_decay, self.alpha_end = float(alpha), alpha_decay, float(alpha_end)
+        self.freeze_after, self.decay_to = freeze_after, decay_to
+        self.decay_epochs = int(decay_epochs)
+        if source in UNTRAINED:
+            self.field.requires_grad_(False)
+        # random_trainable starts from scratch even when the run branches from a checkpoint.
+        self.fresh_on_branch = ("field.",) if source == "random_trainable" else ()
+
+    def make_field(self, inputs="full"):
+        if self.source == "perlayer_vector":
+            return PerLayerVector(self.state_shapes)
+        inputs = {"time_only": "time_only", "constant_input": "constant"}.get(self.source, "full")
+        return super().make_field(inputs)
+
+    # ---------------------------------------------------------------- schedule
+    def alpha_at(self, epoch: int) -> float:
+        a = self.alpha
+        if self.alpha_decay == "linear" and self.max_epochs() > 1:
+            a = self.alpha + (self.alpha_end - self.alpha) * min(epoch / (self.max_epochs() - 1), 1)
+        if self.freeze_after is not None and self.decay_to is not None and epoch >= self.freeze_after:
+            frac = 1.0 if self.decay_epochs == 0 else min(
+                (epoch - self.freeze_after + 1) / self.decay_epochs, 1.0)
+            a = a + (self.decay_to - a) * frac
+        return a
+
+    def current_alpha(self) -> float:
+        return self.alpha_at(self.current_epoch)
+
+    def trains_estimator(self) -> bool:
+        if self.source in UNTRAINED:
+            return False
+        return self.freeze_after is None or self.current_epoch < self.freeze_after
+
+    # ---------------------------------------------------------------- credit
+    def aux_credit(self, l: int, p: Pass) -> torch.Tensor:
+        """The aux source's a_l (before blending), rescaled to DFA's per-sample RMS."""
+        h = p.states[l]
+        if self.source == "gaussian_noise":
+            a = torch.randn(h.shape, generator=self.generator(h.device), device=h.device,
+                            dtype=at_least_fp32(h).dtype)
+        else:
+            a = self.field_output(l, h.detach(), self.condition(p)).detach()
+        if self.source == "dfa_norm_matched":
+            return a  # the vec field's output; only its norm is used (rule_credit)
+        return self._match_dfa_scale(a, l, p)
+
+    def _match_dfa_scale(self, a, l, p):
+        if not self.credit_norm:
+            return a
+        d = self.dfa_credit(l, p)
+        rms = d.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (a.ndim - 1)))
+        return rms_normalise(a) * rms.to(a.dtype)
+
+    def rule_credit(self, l, p):
+        d = self.dfa_credit(l, p)
+        alpha = self.current_alpha()
+        if not self.uses_estimator(l) or alpha == 0:
+            return d
+        if self.source == "dfa_norm_matched":
+            v = self._match_dfa_scale(self.aux_credit(l, p), l, p).to(d.dtype)
+            b = alpha * v + (1 - alpha) * d
+            ratio = per_sample_sq(b).sqrt() / per_sample_sq(d).sqrt().clamp_min(1e-30)
+            return d * ratio.view(-1, *([1] * (d.ndim - 1)))
+        a = self.aux_credit(l, p).to(d.dtype)
+        return a if alpha == 1 else alpha * a + (1 - alpha) * d
+
+    # ---------------------------------------------------------------- the aux objective
+    def estimator_loss(self, p: Pass):
+        s = self.condition(p)
+        if self.source in ("fresh_random_target", "zero_target"):
+            gen = self.generator(p.states[0].device)
+            total = 0.0
+            for l, h in enumerate(p.states):
+                a = self.field_output(l, h.detach(), s)
+                target = (torch.randn(a.shape, generator=gen, device=a.device, dtype=a.dtype)
+                          if self.source == "fresh_random_target" else torch.zeros_like(a))
+                total = total + per_sample_sq(a - target).mean()
+            return total
+        return self.field_loss(p, s, self.field_output,
+                               shuffle=self.shuffle_targets or self.source == "shuffled_trainable")
+
+    def on_validation_epoch_end(self):
+        n_rows = len(self.history)
+        super().on_validation_epoch_end()
+        if len(self.history) > n_rows:
+            self.history[-1]["alpha"] = self.current_alpha()
+            self.history[-1]["aux_trained"] = self.trains_estimator()

@@ -1,0 +1,252 @@
+"""What the learned credit estimators (sb, cb, vec, blend) share (SPEC §3).
+
+An estimator rule is DFA plus a trained auxiliary network: its fixed feedback is the fallback
+credit (cb's warm-up, ``topdown``'s lower blocks, the blend's other half), and the auxiliary
+network is trained on its own objective from every minibatch the rule sees, through the
+``train_auxiliary`` hook of the shared block-local update. Both live in the rule's state, so
+every checkpoint carries them.
+
+Phases, by epoch (``phase``):
+- ``fit``: only the estimator trains, on the frozen network (``prefit_epochs``, and the refit
+  epochs of ``periodic_refit``);
+- ``warmup``: the blocks follow DFA while the estimator trains (``warmup_ratio`` of the epochs);
+- ``rule``: the blocks follow the estimator's credit (for the blocks ``topdown`` selects).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.rules.base import Pass, at_least_fp32, trainable
+from lcredit.rules.dfa import DFA
+
+S_TYPES = ("none", "eT", "deltaL", "eT_hL", "deltaL_hL")
+
+
+def rms_normalise(a: torch.Tensor) -> torch.Tensor:
+    """credit_norm: a / (RMS(a) + 1e-6), per sample."""
+    rms = a.flatten(1).pow(2).mean(1).sqrt()
+    return a / (rms + 1e-6).view(-1, *([1] * (a.ndim - 1)))
+
+
+class CreditNet(nn.Module):
+    """``net(h, t, s)`` for every layer t = 0..L with one shared trunk.
+
+    Layers differ in shape (a CNN's stages, a token sequence), so each has its own input
+    projection (and output head when ``out="vector"``); the layer index enters as a learned
+    embedding. The conditioning code gates the features multiplicatively as well as adding to
+    them: the true credit is linear in the output error e, which a purely additive code could
+    only approximate.
+
+    ``inputs``: ``full`` (h, t, s), ``time_only`` (t alone), ``constant`` (the same constant
+    input for every sample and layer: a learned offset per layer head, nothing more).
+    """
+
+    def __init__(self, dims: list[int], cond_dim: int, width: int, out: str = "vector",
+                 inputs: str = "full"):
+        super().__init__()
+        self.dims, self.out, self.inputs = list(dims), out, inputs
+        self.embed_in = nn.ModuleList(nn.Linear(d, width) for d in dims)
+        self.layer = nn.Embedding(len(dims), width)
+        self.cond = nn.Linear(cond_dim, 2 * width) if cond_dim else None
+        self.trunk = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU())
+        if out == "vector":
+            self.heads = nn.ModuleList(nn.Linear(width, d) for d in dims)
+        else:
+            self.heads = nn.ModuleList([nn.Linear(width, 1)])
+
+    def forward(self, h: torch.Tensor, t: int, s: torch.Tensor | None) -> torch.Tensor:
+        n = h.shape[0]
+        z = self.layer.weight[t].expand(n, -1)
+        if self.inputs == "full":
+            z = z + self.embed_in[t](h.flatten(1))
+        gate = None
+        if self.cond is not None and s is not None and self.inputs == "full":
+            shift, gate = self.cond(s).chunk(2, dim=-1)
+            z = z + shift
+        if self.inputs == "constant":
+            z = self.layer.weight[0].expand(n, -1)
+        z = F.gelu(z)
+        if gate is not None:
+            z = z * (1 + gate)
+        z = self.trunk(z)
+        if self.out == "vector":
+            return self.heads[t](z).view_as(h)
+        return self.heads[0](z).squeeze(-1)
+
+
+class Estimator(DFA):
+    """DFA + a trained estimator of credit; subclasses say what it is and how it is trained.
+
+    Subclasses implement ``estimator_credit(l, p)`` (the estimator's a_l, before credit_norm)
+    and ``estimator_loss(p)`` (a scalar, or None when there is nothing to train).
+    """
+
+    # Fraction of epochs the blocks follow DFA while the estimator trains (cb: 0.2).
+    default_warmup = 0.0
+    # Redrawing the fallback feedback does not give this rule's chance level (null_gamma).
+    credit_is_feedback = False
+    exact_top = False  # a_L is the exact output-local gradient (sb: no predictor at L)
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
+        check_choice("method.s_type", s_type, S_TYPES)
+        check_range("method.width", width, 1)
+        check_range("method.aux_lr", aux_lr, 0.0, lo_open=True)
+        warmup_ratio = self.default_warmup if warmup_ratio is None else warmup_ratio
+        check_range("method.warmup_ratio", warmup_ratio, 0.0, 1.0)
+        check_range("method.prefit_epochs", prefit_epochs, 0)
+        depth = len(self.state_shapes) - 1
+        if topdown is not None:
+            check_range("method.topdown", topdown, 0, depth)
+        self.refit_every, self.refit_epochs = self._parse_refit(periodic_refit)
+        self.s_type, self.width, self.aux_lr = s_type, int(width), float(aux_lr)
+        self.credit_norm, self.warmup_ratio = bool(credit_norm), float(warmup_ratio)
+        self.prefit_epochs, self.topdown = int(prefit_epochs), topdown
+        self.dims = [self.state_dim(l) for l in range(depth + 1)]
+        # Resumable randomness (directions, bridge noise): drawn from (seed, aux step), and the
+        # step counter is part of the state.
+        self.register_buffer("aux_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_aux_sums", torch.zeros(2, dtype=torch.float64), persistent=False)
+
+    @staticmethod
+    def _parse_refit(spec):
+        if spec is None:
+            return None, 0
+        if not isinstance(spec, dict) or set(spec) != {"every", "epochs"}:
+            raise ConfigError(f"method.periodic_refit={spec!r} must be null or "
+                              f"{{every: K, epochs: R}} (every K epochs, R epochs of refit)")
+        check_range("method.periodic_refit.every", spec["every"], 1)
+        check_range("method.periodic_refit.epochs", spec["epochs"], 1)
+        return int(spec["every"]), int(spec["epochs"])
+
+    # ---------------------------------------------------------------- schedule
+    def max_epochs(self) -> int:
+        trainer = self._trainer
+        return int(trainer.max_epochs) if trainer is not None and trainer.max_epochs else 0
+
+    def phase(self, epoch: int | None = None) -> str:
+        e = self.current_epoch if epoch is None else epoch
+        if e < self.prefit_epochs:
+            return "fit"
+        k = e - self.prefit_epochs
+        if self.refit_every and k % (self.refit_every + self.refit_epochs) >= self.refit_every:
+            return "fit"
+        if k < self.warmup_ratio * max(self.max_epochs() - self.prefit_epochs, 0):
+            return "warmup"
+        return "rule"
+
+    def updates_model(self) -> bool:
+        return self.phase() != "fit"
+
+    def trains_estimator(self) -> bool:
+        return True
+
+    def uses_estimator(self, l: int) -> bool:
+        """Whether a_l comes from the estimator now (else DFA's fixed feedback)."""
+        if self.phase() == "warmup":
+            return False
+        depth = len(self.state_shapes) - 1
+        # topdown=k: the last k blocks (trained from a_{L-k+1} .. a_L) get the estimator.
+        return self.topdown is None or l > depth - self.topdown
+
+    # ---------------------------------------------------------------- credit
+    def condition(self, p: Pass) -> torch.Tensor | None:
+        """The conditioning code s per sample (detached)."""
+        if self.s_type == "none":
+            return None
+        base = p.error if self.s_type.startswith("eT") else p.g_top.flatten(1)
+        parts = [base]
+        if self.s_type.endswith("_hL"):
+            parts.append(p.states[-1].flatten(1))
+        return at_least_fp32(torch.cat(parts, dim=1)).detach()
+
+    def cond_dim(self) -> int:
+        if self.s_type == "none":
+            return 0
+        base = self.num_classes if self.s_type.startswith("eT") else self.dims[-1]
+        return base + (self.dims[-1] if self.s_type.endswith("_hL") else 0)
+
+    def estimator_credit(self, l: int, p: Pass) -> torch.Tensor:
+        raise NotImplementedError
+
+    def estimator_loss(self, p: Pass):
+        raise NotImplementedError
+
+    def learned_credit(self, l: int, p: Pass) -> torch.Tensor:
+        if self.exact_top and l == len(self.state_shapes) - 1:
+            return p.g_top
+        with torch.enable_grad():
+            a = self.estimator_credit(l, p).detach()
+        return rms_normalise(a) if self.credit_norm else a
+
+    def rule_credit(self, l: int, p: Pass) -> torch.Tensor:
+        if not self.uses_estimator(l):
+            return self.dfa_credit(l, p)
+        return self.learned_credit(l, p).to(p.states[l].dtype)
+
+    def top_credit(self, p):
+        return self.rule_credit(len(self.state_shapes) - 1, p)
+
+    def layer_credit(self, l, p, vjp):
+        return self.rule_credit(l, p)
+
+    # ---------------------------------------------------------------- training the estimator
+    def estimator_parameters(self) -> list[nn.Parameter]:
+        own = {id(q) for q in self.model.parameters()}
+        return [q for q in trainable(self) if id(q) not in own]
+
+    def generator(self, device) -> torch.Generator:
+        """A generator for this step's noise: a function of (seed, step), so resumes are exact."""
+        seed = int((self.run_config or {}).get("seed", 0))
+        return torch.Generator(device=device).manual_seed(
+            (seed * 1_000_003 + int(self.aux_steps)) % (2**63 - 1))
+
+    def train_auxiliary(self, p: Pass) -> None:
+        if not self.trains_estimator():
+            return
+        params = self.estimator_parameters()
+        if not params:
+            return
+        with torch.enable_grad():
+            loss = self.estimator_loss(p)
+        self.aux_steps += 1
+        if loss is None:
+            return
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for q, g in zip(params, grads):
+            if g is not None:
+                q.grad = g.detach() if q.grad is None else q.grad + g.detach()
+        self._aux_sums[0] += loss.detach().double()
+        self._aux_sums[1] += 1
+
+    def optimized_parameters(self):
+        return trainable(self.model)
+
+    def configure_optimizers(self):
+        groups = [{"params": self.optimized_parameters()},
+                  {"params": self.estimator_parameters(), "lr": self.aux_lr}]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(groups, lr=1e-3)
+        return self.optimizer_factory(groups)
+
+    def on_validation_epoch_end(self):
+        n_rows = len(self.history)
+        super().on_validation_epoch_end()
+        total, steps = self._aux_sums.tolist()
+        if len(self.history) > n_rows:
+            row = self.history[-1]
+            row["phase"] = self.phase()
+            row["estimator_loss"] = total / steps if steps else None
+            if steps:
+                self.log("aux/loss", total / steps)
+            self._aux_sums.zero_()
+
+
+def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).pow(2).sum(1)

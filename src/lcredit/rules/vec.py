@@ -1,0 +1,85 @@
+"""Direct vector credit field: a network that outputs the credit itself, trained on
+finite-difference directional derivatives of the forward loss (SPEC §3)."""
+import torch
+
+from lcredit.errors import check_range
+from lcredit.models.base import preserved_buffers, run_blocks
+from lcredit.rules.base import Pass, at_least_fp32
+from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq
+
+
+def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
+    """delta_u = (Lfwd(h + eps u) - Lfwd(h - eps u)) / (2 eps) for directions ``u`` (M, *h.shape);
+    one-sided: (Lfwd(h + eps u) - Lfwd(h)) / eps. Lfwd runs the rest of the network *forward*
+    from layer l: no backward pass. Returns (M, B)."""
+    m, n = u.shape[0], h.shape[0]
+    ys = y.repeat(m, *([1] * (y.ndim - 1)))
+
+    def lfwd(states, labels):
+        return loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), labels)
+
+    with torch.no_grad(), preserved_buffers(model):
+        plus = lfwd((h[None] + eps * u).flatten(0, 1), ys).view(m, n)
+        if one_sided:
+            return (plus - lfwd(h, y)[None]) / eps
+        minus = lfwd((h[None] - eps * u).flatten(0, 1), ys).view(m, n)
+        return (plus - minus) / (2 * eps)
+
+
+def unit_directions(m, h, generator) -> torch.Tensor:
+    u = torch.randn((m, *h.shape), generator=generator, device=h.device, dtype=h.dtype)
+    return u / u.flatten(2).norm(dim=2).view(m, h.shape[0], *([1] * (h.ndim - 1)))
+
+
+class VEC(Estimator):
+    name = "vec"
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
+                 M=4, eps=1e-3, one_sided=False, terminal_weight=1.0, shuffle_targets=False):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
+                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
+                         periodic_refit, topdown)
+        check_range("method.M", M, 1)
+        check_range("method.eps", eps, 0.0, lo_open=True)
+        check_range("method.terminal_weight", terminal_weight, 0.0)
+        self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
+        self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
+        self.field = self.make_field()
+
+    def make_field(self, inputs="full"):
+        return CreditNet(self.dims, self.cond_dim(), self.width, out="vector", inputs=inputs)
+
+    def field_output(self, l, h, s):
+        return self.field(at_least_fp32(h), l, s)
+
+    def estimator_credit(self, l, p: Pass):
+        return self.field_output(l, p.states[l].detach(), self.condition(p))
+
+    def estimator_loss(self, p: Pass):
+        return self.field_loss(p, self.condition(p), self.field_output)
+
+    def field_loss(self, p: Pass, s, output, shuffle=None):
+        """sum over layers of (dim/M) sum_u (<A, u> - delta_u)^2, mean over samples (an
+        unbiased estimate of ||A - g||^2 up to the finite-difference error), plus the terminal
+        term ||A(h_L) - g_L||^2 (output-local)."""
+        shuffle = self.shuffle_targets if shuffle is None else shuffle
+        gen = self.generator(p.states[0].device)
+        depth = len(p.states) - 1
+        total = 0.0
+        for l in range(depth):
+            h = at_least_fp32(p.states[l].detach())
+            u = unit_directions(self.M, h, gen)
+            target = directional_targets(self.model, l, h, p.y, u, self.eps,
+                                         self.per_sample_loss, self.one_sided)
+            if shuffle:  # control: each sample is trained toward another sample's targets
+                target = target[:, torch.randperm(h.shape[0], generator=gen, device=h.device)]
+            a = output(l, h, s)
+            pred = (a[None] * u).flatten(2).sum(2)
+            total = total + (self.dims[l] / self.M) * (pred - target).pow(2).sum(0).mean()
+        if self.terminal_weight > 0:
+            a_top = output(depth, p.states[-1].detach(), s)
+            total = total + self.terminal_weight * per_sample_sq(
+                a_top - at_least_fp32(p.g_top)).mean()
+        return total

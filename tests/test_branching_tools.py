@@ -1,0 +1,138 @@
+"""Branching (init_from, prefit, periodic refit) and the probe / exploit tools."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import TINY_LADDER
+from lcredit.errors import ConfigError
+from lcredit.exploit import exploit
+from lcredit.models import ResMLP
+from lcredit.probe import probe
+from lcredit.rules import SB
+from lcredit.train import train
+
+SMALL = [*TINY_LADDER, "data.n_train=256", "method.width=32"]
+
+
+class StartState(Callback):
+    def on_train_start(self, trainer, rule):
+        self.state = {k: v.clone() for k, v in rule.state_dict().items()}
+
+
+class EpochStates(Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_epoch_end(self, trainer, rule):
+        self.states.append({k: v.clone() for k, v in rule.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def dfa_run(tmp_path_factory):
+    from conftest import compose_cfg
+    out = tmp_path_factory.mktemp("dfa")
+    return train(compose_cfg(out / "run", "method=dfa", *TINY_LADDER, "data.n_train=256",
+                             "trainer.max_epochs=2"))
+
+
+def test_init_from_starts_from_the_checkpoints_network_and_feedback(make_cfg, dfa_run):
+    seen = StartState()
+    r = train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1",
+                       f"init_from={dfa_run['checkpoint']}"), extra_callbacks=[seen])
+    source = torch.load(dfa_run["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    for k, v in source.items():
+        assert torch.equal(seen.state[k], v), k   # network and DFA feedback both carried over
+    assert r["init_from"]["rule"] == "dfa" and r["init_from"]["epoch"] == 2
+    assert "model" in r["init_from"]["loaded"]
+
+
+def test_random_trainable_keeps_its_aux_fresh_when_branching(make_cfg, tmp_path):
+    vec = train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1", out="vec"))
+    src = torch.load(vec["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    seen = StartState()
+    train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1", "method.source=random_trainable",
+                   f"init_from={vec['checkpoint']}", out="branch"), extra_callbacks=[seen])
+    assert all(torch.equal(seen.state[k], src[k]) for k in src if k.startswith("model."))
+    field = [k for k in src if k.startswith("field.")]
+    assert field and not all(torch.equal(seen.state[k], src[k]) for k in field)
+
+
+def test_init_from_a_different_model_is_a_clear_error(make_cfg, dfa_run):
+    with pytest.raises(ConfigError, match="init_from"):
+        train(make_cfg("method=vec", *SMALL, "model.d=48", f"init_from={dfa_run['checkpoint']}"))
+    with pytest.raises(ConfigError, match="init_from=nope.ckpt"):
+        train(make_cfg("method=vec", *SMALL, "init_from=nope.ckpt"))
+
+
+def test_prefit_epochs_train_only_the_estimator_first(make_cfg):
+    epochs = EpochStates()
+    r = train(make_cfg("method=sb", *SMALL, "trainer.max_epochs=2", "method.prefit_epochs=1"),
+              extra_callbacks=[start := StartState(), epochs])
+    after_prefit, after_rule = epochs.states
+    model = [k for k in after_prefit if k.startswith("model.")]
+    pred = [k for k in after_prefit if k.startswith("predictors.")]
+    assert all(torch.equal(after_prefit[k], start.state[k]) for k in model)
+    assert not all(torch.equal(after_prefit[k], start.state[k]) for k in pred)
+    assert not all(torch.equal(after_rule[k], after_prefit[k]) for k in model)
+    assert [row["phase"] for row in r["history"]] == ["fit", "rule"]
+
+
+def test_periodic_refit_and_warmup_schedule():
+    rule = SB(ResMLP((12,), 5, d=16, depth=2), (12,), 5, prefit_epochs=1,
+              periodic_refit={"every": 2, "epochs": 1}, warmup_ratio=0.25)
+    rule.max_epochs = lambda: 9
+    assert [rule.phase(e) for e in range(9)] == [
+        "fit", "warmup", "warmup", "fit", "rule", "rule", "fit", "rule", "rule"]
+    with pytest.raises(ConfigError, match="method.periodic_refit"):
+        SB(ResMLP((12,), 5, d=16, depth=2), (12,), 5, periodic_refit={"every": 2})
+
+
+# ---------------------------------------------------------------- probe and exploit
+@pytest.fixture(scope="module")
+def bp_snapshot(tmp_path_factory):
+    from conftest import compose_cfg
+    out = tmp_path_factory.mktemp("bp")
+    return train(compose_cfg(out / "run", "method=bp", "data.n_train=4096", "data.n_test=512",
+                             "model.d=64", "model.depth=3", "trainer.max_epochs=3"))
+
+
+def test_probe_on_a_bp_snapshot_recovers_credit_beyond_dfa(bp_snapshot):
+    res = probe(bp_snapshot["checkpoint"], ["dfa", "sb", "vec"], steps=300,
+                overrides={"vec": {"aux_lr": 3e-3}, "sb": {"aux_lr": 3e-3}})
+    g = {r: res["rules"][r]["aggregates"]["gamma_deep"] for r in res["rules"]}
+    assert g["vec"] > g["dfa"] + 0.2 and g["sb"] > g["dfa"] + 0.2, g
+    first, last = res["rules"]["vec"]["estimator_loss_first_last"]
+    assert last < first
+    assert all(set(row) >= {"gamma", "rho", "nudge"} for row in res["rules"]["sb"]["layers"])
+
+
+def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
+    res = exploit(bp_snapshot["checkpoint"], ["bp", "own", "dfa"], k=3, step_sizes=[1e-3, 1e-2],
+                  fit_steps=0)
+    rows = {(r["source"], r["credit"], r["step_size"]): r for r in res["rows"]}
+    assert len(rows) == 3 * 2 * 2
+    for credit in ("raw", "normalised"):
+        assert rows[("bp", credit, 1e-3)]["same_batch_delta"] < 0
+    # the snapshot's rule is bp: its own credit is the oracle's, step for step
+    assert rows[("own", "raw", 1e-2)]["same_batch_delta"] == pytest.approx(
+        rows[("bp", "raw", 1e-2)]["same_batch_delta"], rel=1e-4)
+
+
+def test_probe_and_exploit_clis_write_their_files(bp_snapshot, tmp_path):
+    for tool, args, name in [("probe", ["rules=[dfa]", "steps=0"], "probe"),
+                             ("exploit", ["sources=[bp]", "k=1", "step_sizes=[0.01]"], "exploit")]:
+        proc = subprocess.run([sys.executable, "-m", f"lcredit.{tool}",
+                               f"ckpt={bp_snapshot['checkpoint']}", f"out={tmp_path}", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["snapshot_rule"] == "bp"
+        assert (tmp_path / f"{name}.md").read_text().startswith("#")
+    proc = subprocess.run([sys.executable, "-m", "lcredit.probe",
+                           f"ckpt={bp_snapshot['checkpoint']}", "rules=[nope]"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr

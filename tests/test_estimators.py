@@ -1,0 +1,276 @@
+"""Learned credit estimators (sb, cb, vec) and scaffold blends: what their comparisons rely on."""
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import TINY_LADDER, assert_resume_exact
+from lcredit.models import ResMLP
+from lcredit.rules import CB, DFA, SB, VEC, Blend, Rule
+from lcredit.rules.blend import SOURCES
+from lcredit.rules.vec import directional_targets, unit_directions
+from lcredit.train import train
+
+SHAPE, C = (12,), 5
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ResMLP(SHAPE, C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
+
+
+def batch(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g, dtype=torch.float64), torch.randint(C, (n,), generator=g)
+
+
+def block_grads(rule, x, y):
+    rule.zero_grad(set_to_none=True)
+    rule.compute_gradients(x, y)
+    return {n: p.grad.clone() for n, p in rule.model.named_parameters() if p.grad is not None}
+
+
+class Given(Rule):
+    """A local rule whose credit is handed in."""
+
+    def __init__(self, *a, credits=None, **kw):
+        super().__init__(*a, **kw)
+        self.given = credits
+
+    def top_credit(self, p):
+        return self.given[-1]
+
+    def layer_credit(self, l, p, vjp):
+        return self.given[l]
+
+
+def fit_estimator(rule, steps, seed=2):
+    """Train only the estimator, on a frozen network (the prefit phase)."""
+    opt = rule.configure_optimizers()
+    for i in range(steps):
+        x, y = batch(64, seed=seed + i)
+        opt.zero_grad(set_to_none=True)
+        rule.compute_gradients(x, y)
+        opt.step()
+    return rule
+
+
+# ---------------------------------------------------------------- estimator objectives
+@pytest.mark.parametrize("method", ["sb", "cb", "vec"])
+def test_estimator_loss_falls_during_training_on_the_ladder(make_cfg, method):
+    r = train(make_cfg(f"method={method}", *TINY_LADDER, "trainer.max_epochs=4",
+                       "method.warmup_ratio=0.0"))
+    losses = [row["estimator_loss"] for row in r["history"]]
+    assert all(v is not None for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_cb_terminal_gradient_matching_lowers_the_terminal_gradient_error():
+    model = make_model()
+    errors = {}
+    for tgw in (0.0, 1.0):
+        torch.manual_seed(0)
+        rule = CB(copy.deepcopy(model), SHAPE, C, tgw=tgw, width=64, aux_lr=3e-3,
+                  prefit_epochs=1).double()
+        fit_estimator(rule, 150)
+        x, y = batch(256, seed=99)
+        errors[tgw] = float(rule.terminal_gradient_error(rule_pass(rule, x, y)))
+    assert errors[1.0] < 0.75 * errors[0.0], errors
+
+
+def rule_pass(rule, x, y):
+    """The Pass a rule sees for (x, y), captured from the shared update."""
+    seen = {}
+    orig = rule.train_auxiliary
+    rule.train_auxiliary = lambda p: seen.setdefault("p", p)
+    rule.updates_model = lambda: False
+    try:
+        rule._local_pass(x, y, update=True)
+    finally:
+        rule.train_auxiliary = orig
+        del rule.updates_model
+    return seen["p"]
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_vec_targets_are_finite_differences_of_the_forward_loss(one_sided):
+    model = make_model()
+    x, y = batch(8)
+    states = model.states(x)
+    l, eps = 1, 1e-4
+    h = states[l].detach()
+    u = unit_directions(3, h, torch.Generator().manual_seed(0))
+    loss = lambda logits, t: torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    got = directional_targets(model, l, h, y, u, eps, loss, one_sided)
+
+    def forward_loss(hh):  # the rest of the network, written out by hand
+        for block in model.blocks[l:]:
+            hh = block(hh)
+        return loss(model.readout(hh), y)
+
+    with torch.no_grad():
+        for m in range(3):
+            lo = forward_loss(h) if one_sided else forward_loss(h - eps * u[m])
+            want = (forward_loss(h + eps * u[m]) - lo) / (eps if one_sided else 2 * eps)
+            torch.testing.assert_close(got[m], want, rtol=0, atol=1e-12)
+    # ... and they estimate the directional derivative of the per-sample loss.
+    from lcredit.rules import exact_gradients
+    g = exact_gradients(model, x, y)[1][l]
+    tol = 1e-4 if one_sided else 1e-7
+    torch.testing.assert_close(got, (g[None] * u).sum(-1), rtol=0, atol=tol)
+
+
+def test_vec_learns_the_gradient_field_on_a_frozen_network():
+    model = make_model()
+    rule = fit_estimator(VEC(model, SHAPE, C, width=64, aux_lr=3e-3, prefit_epochs=1).double(), 300)
+    x, y = batch(256, seed=99)
+    from lcredit.rules import exact_gradients
+    true = exact_gradients(model, x, y)[1]
+    credit = rule.credit(x, y)
+    cos = [torch.nn.functional.cosine_similarity(a, g, dim=1).mean() for a, g in zip(credit, true)]
+    dfa = DFA(model, SHAPE, C).double().credit(x, y)
+    dcos = [torch.nn.functional.cosine_similarity(a, g, dim=1).mean() for a, g in zip(dfa, true)]
+    assert min(cos[1:-1]) > max(dcos[1:-1]) + 0.2, (cos, dcos)
+
+
+def test_prefit_phase_trains_only_the_estimator():
+    model = make_model()
+    rule = SB(copy.deepcopy(model), SHAPE, C, prefit_epochs=1).double()
+    before = copy.deepcopy(rule.state_dict())
+    fit_estimator(rule, 3)
+    after = rule.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("predictors") or k == "aux_steps" for k in changed)
+
+
+def test_topdown_uses_the_estimator_for_the_last_blocks_only():
+    model = make_model()
+    rule = VEC(copy.deepcopy(model), SHAPE, C, topdown=1).double()
+    x, y = batch()
+    credit = rule.credit(x, y)
+    dfa = DFA(copy.deepcopy(model), SHAPE, C).double()
+    dfa.load_state_dict({k: v for k, v in rule.state_dict().items() if k.startswith(("model", "feedback"))})
+    d = dfa.credit(x, y)
+    depth = len(credit) - 1
+    for l in range(depth):  # a_0 .. a_{L-1} train blocks below the last: DFA's
+        torch.testing.assert_close(credit[l], d[l], rtol=0, atol=0)
+    assert not torch.allclose(credit[depth], d[depth])
+
+
+# ---------------------------------------------------------------- blends
+def twin_dfa(blend):
+    dfa = DFA(copy.deepcopy(blend.model), SHAPE, C).double()
+    dfa.load_state_dict({k: v for k, v in blend.state_dict().items()
+                         if k.startswith(("model.", "feedback_"))})
+    return dfa
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_blend_at_alpha_0_is_dfa_and_at_1_the_aux_source(source):
+    x, y = batch()
+    zero = Blend(make_model(), SHAPE, C, source=source, alpha=0.0, width=32).double()
+    ref = block_grads(twin_dfa(zero), x, y)
+    got = block_grads(zero, x, y)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
+
+    one = Blend(make_model(), SHAPE, C, source=source, alpha=1.0, width=32).double()
+    p = rule_pass(one, x, y)
+    if source == "dfa_norm_matched":  # DFA's direction at the vec field's (DFA-scaled) norm
+        aux = [one._match_dfa_scale(one.aux_credit(l, p), l, p) for l in range(len(p.states))]
+        aux = [one.dfa_credit(l, p) * (a.norm(dim=1) / one.dfa_credit(l, p).norm(dim=1))[:, None]
+               for l, a in enumerate(aux)]
+    else:
+        torch.manual_seed(0)
+        aux = [one.aux_credit(l, p) for l in range(len(p.states))]
+    torch.manual_seed(0)
+    credit = one.credit(x, y)
+    for l, a in enumerate(aux):
+        torch.testing.assert_close(credit[l], a, rtol=0, atol=1e-15)
+    given = Given(copy.deepcopy(one.model), SHAPE, C, credits=credit).double()
+    ref = block_grads(given, x, y)
+    one.aux_steps.zero_()
+    got = block_grads(one, x, y)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("source", ["frozen_random", "gaussian_noise"])
+def test_an_untrained_aux_never_changes(source):
+    rule = Blend(make_model(), SHAPE, C, source=source).double()
+    before = copy.deepcopy(rule.field.state_dict())
+    opt = rule.configure_optimizers()
+    for i in range(3):
+        x, y = batch(seed=i)
+        opt.zero_grad()
+        rule.compute_gradients(x, y)
+        opt.step()
+    for k, v in rule.field.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class FieldSnapshots(Callback):
+    def __init__(self):
+        self.snaps = []
+
+    def on_train_epoch_start(self, trainer, rule):
+        if not self.snaps:
+            self.snaps.append(copy.deepcopy(rule.field.state_dict()))
+
+    def on_train_epoch_end(self, trainer, rule):
+        self.snaps.append(copy.deepcopy(rule.field.state_dict()))
+
+
+def test_freeze_after_stops_aux_training_at_that_epoch(make_cfg):
+    snaps = FieldSnapshots()
+    r = train(make_cfg("method=blend", *TINY_LADDER, "data.n_train=256", "trainer.max_epochs=4",
+                       "method.freeze_after=2", "method.decay_to=0.0", "method.decay_epochs=2",
+                       "method.width=32"), extra_callbacks=[snaps])
+    s = snaps.snaps  # s[0] = init, s[e] = after epoch e (1-based)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(s[0], s[1]) and not same(s[1], s[2])   # trained in epochs 1 and 2
+    assert same(s[2], s[3]) and same(s[3], s[4])           # frozen from epoch 3 on
+    assert [row["aux_trained"] for row in r["history"]] == [True, True, False, False]
+    assert [row["alpha"] for row in r["history"]] == [0.5, 0.5, 0.25, 0.0]
+
+
+def test_linear_alpha_decay_reaches_alpha_end():
+    rule = Blend(make_model(), SHAPE, C, alpha=1.0, alpha_decay="linear", alpha_end=0.2)
+    rule.max_epochs = lambda: 5
+    assert [round(rule.alpha_at(e), 6) for e in range(5)] == [1.0, 0.8, 0.6, 0.4, 0.2]
+
+
+# ---------------------------------------------------------------- state and resume
+@pytest.mark.parametrize("method", ["sb", "cb", "vec", "blend"])
+def test_estimator_state_is_saved_and_restored(method, make_cfg):
+    r = train(make_cfg(f"method={method}", *TINY_LADDER, "data.n_train=256",
+                       "trainer.max_epochs=1", "method.width=32"))
+    from lcredit.audit import load_checkpoint, restore
+    ckpt = load_checkpoint(r["checkpoint"])
+    rule, _, _ = restore(ckpt)
+    saved = ckpt["state_dict"]
+    own = rule.state_dict()
+    assert any(not k.startswith(("model.", "feedback_")) and k != "aux_steps" for k in saved)
+    assert saved.keys() == own.keys()
+    for k in saved:
+        assert torch.equal(saved[k], own[k]), k
+
+
+@pytest.mark.parametrize("method", ["sb", "cb", "vec", "blend"])
+def test_resume_is_exact(make_cfg, method):
+    assert_resume_exact(make_cfg, f"method={method}", *TINY_LADDER, "data.n_train=256",
+                        "method.width=32", "method.warmup_ratio=0.3")  # epoch 1 warm-up at 2 and 3 epochs
+
+
+def test_bad_estimator_options_name_the_key(make_cfg):
+    from lcredit.errors import ConfigError
+    for override, key in [("method.s_type=foo", "method.s_type"), ("method.M=0", "method.M"),
+                          ("method.periodic_refit=3", "method.periodic_refit")]:
+        with pytest.raises(ConfigError, match=key):
+            train(make_cfg("method=vec", *TINY_LADDER, override))
+    with pytest.raises(ConfigError, match="method.source"):
+        train(make_cfg("method=blend", *TINY_LADDER, "method.source=foo"))
