@@ -5,6 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import lcredit.train  # noqa: F401  (registers the config resolvers)
+from lcredit.rules import Rule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
@@ -57,3 +58,18 @@ def assert_resume_exact(make_cfg, *common):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class GivenCredit(Rule):
+    """A local rule whose credit is handed in (``credits=[a_0..a_L]``): with backprop's own
+    gradient it is the oracle the shared update must turn into backprop's update."""
+
+    def __init__(self, *a, credits=None, **kw):
+        super().__init__(*a, **kw)
+        self.given = credits
+
+    def top_credit(self, p):
+        return self.given[-1]
+
+    def layer_credit(self, l, p, vjp):
+        return self.given[l]

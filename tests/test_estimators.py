@@ -5,9 +5,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY_LADDER, assert_resume_exact
+from conftest import TINY_LADDER, GivenCredit, assert_resume_exact
 from lcredit.models import ResMLP
-from lcredit.rules import CB, DFA, SB, VEC, Blend, Rule
+from lcredit.rules import CB, DFA, SB, VEC, Blend
 from lcredit.rules.blend import SOURCES
 from lcredit.rules.vec import directional_targets, unit_directions
 from lcredit.train import train
@@ -31,20 +31,6 @@ def block_grads(rule, x, y):
     return {n: p.grad.clone() for n, p in rule.model.named_parameters() if p.grad is not None}
 
 
-class Given(Rule):
-    """A local rule whose credit is handed in."""
-
-    def __init__(self, *a, credits=None, **kw):
-        super().__init__(*a, **kw)
-        self.given = credits
-
-    def top_credit(self, p):
-        return self.given[-1]
-
-    def layer_credit(self, l, p, vjp):
-        return self.given[l]
-
-
 def fit_estimator(rule, steps, seed=2):
     """Train only the estimator, on a frozen network (the prefit phase)."""
     opt = rule.configure_optimizers()
@@ -59,8 +45,8 @@ def fit_estimator(rule, steps, seed=2):
 # ---------------------------------------------------------------- estimator objectives
 @pytest.mark.parametrize("method", ["sb", "cb", "vec"])
 def test_estimator_loss_falls_during_training_on_the_ladder(make_cfg, method):
-    r = train(make_cfg(f"method={method}", *TINY_LADDER, "trainer.max_epochs=4",
-                       "method.warmup_ratio=0.0"))
+    r = train(make_cfg(f"method={method}", *TINY_LADDER, "data.n_train=4096",
+                       "trainer.max_epochs=4", "method.warmup_ratio=0.0"))
     losses = [row["estimator_loss"] for row in r["history"]]
     assert all(v is not None for v in losses)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -188,7 +174,7 @@ def test_blend_at_alpha_0_is_dfa_and_at_1_the_aux_source(source):
     credit = one.credit(x, y)
     for l, a in enumerate(aux):
         torch.testing.assert_close(credit[l], a, rtol=0, atol=1e-15)
-    given = Given(copy.deepcopy(one.model), SHAPE, C, credits=credit).double()
+    given = GivenCredit(copy.deepcopy(one.model), SHAPE, C, credits=credit).double()
     ref = block_grads(given, x, y)
     one.aux_steps.zero_()
     got = block_grads(one, x, y)
@@ -208,6 +194,11 @@ def test_an_untrained_aux_never_changes(source):
         opt.step()
     for k, v in rule.field.state_dict().items():
         assert torch.equal(v, before[k]), k
+    if source == "gaussian_noise":  # fresh noise every step, not one frozen draw
+        x, y = batch()
+        first = rule.credit(x, y)
+        rule.compute_gradients(x, y)
+        assert not torch.equal(rule.credit(x, y)[1], first[1])
 
 
 class FieldSnapshots(Callback):
@@ -274,3 +265,49 @@ def test_bad_estimator_options_name_the_key(make_cfg):
             train(make_cfg("method=vec", *TINY_LADDER, override))
     with pytest.raises(ConfigError, match="method.source"):
         train(make_cfg("method=blend", *TINY_LADDER, "method.source=foo"))
+
+
+# ---------------------------------------------------------------- the ladder, end to end
+LADDER = ["data=ladder", "data.alpha=1.0", "model=resmlp", "model.depth=4", "model.d=128",
+          "protocol.abort.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def ladder_runs(tmp_path_factory):
+    from conftest import compose_cfg
+    root = tmp_path_factory.mktemp("ladder")
+    runs = {}
+    for method in ("dfa", "sb", "cb", "vec"):
+        runs[method] = train(compose_cfg(root / method, f"method={method}", *LADDER,
+                                         "trainer.max_epochs=4"))
+    # ep relaxes ~2(L+1) sweeps a step: compare it with bp on a shorter run of its own.
+    for method in ("bp", "ep"):
+        runs[method] = train(compose_cfg(root / method, f"method={method}", *LADDER,
+                                         "data.n_train=4096", "trainer.max_epochs=1"))
+    return {m: r["protocol"]["aggregates"]["gamma_deep"] for m, r in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sb", "cb", "vec"])
+def test_learned_estimators_align_clearly_better_than_dfa_on_the_ladder(ladder_runs, method):
+    assert ladder_runs[method] > ladder_runs["dfa"] + 0.2, ladder_runs
+
+
+@pytest.mark.slow
+def test_ep_aligns_like_bp_on_the_ladder(ladder_runs):
+    assert ladder_runs["ep"] > ladder_runs["bp"] - 0.05, ladder_runs
+
+
+def test_a_copy_without_trainer_measures_the_credit_of_the_runs_phase():
+    """The protocol measures a trainer-less copy: during cb's warm-up that copy must give the
+    DFA credit the blocks are following, afterwards the value network's."""
+    from lcredit.diagnostics.measure import measuring_copy
+    rule = CB(make_model(), SHAPE, C, width=32).double()
+    x, y = batch()
+    dfa = twin_dfa(rule).credit(x, y)
+    for epoch, warm in [(0, True), (5, False)]:
+        rule._clock = (epoch, 10)
+        copy_ = measuring_copy(rule)
+        credit = copy_.credit(x, y)
+        assert copy_.phase() == ("warmup" if warm else "rule")
+        assert torch.equal(credit[1], dfa[1]) == warm

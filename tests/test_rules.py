@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
+from conftest import GivenCredit as Oracle
 from lcredit.models import ResMLP
-from lcredit.rules import BP, DFA, FA, Frozen, Rule, exact_gradients
+from lcredit.rules import BP, DFA, FA, Frozen, exact_gradients
 
 SHAPE, C = (12,), 5
 
@@ -26,20 +27,6 @@ def grads_of(rule, x, y):
     rule.compute_gradients(x, y)
     return {n: (p.grad.clone() if p.grad is not None else None)
             for n, p in rule.model.named_parameters()}
-
-
-class Oracle(Rule):
-    """Local rule whose credit is handed in: the true per-sample gradient."""
-
-    def __init__(self, *a, credits=None, **kw):
-        super().__init__(*a, **kw)
-        self.given = credits
-
-    def top_credit(self, p):
-        return self.given[-1]
-
-    def layer_credit(self, l, p, vjp):
-        return self.given[l]
 
 
 MODEL_VARIANTS = [dict(), dict(out_ln=False), dict(residual=False), dict(act="relu")]

@@ -8,7 +8,6 @@ network, separated from whether training with it would have reached that network
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,12 +15,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit.callbacks.protocol import evaluation_batches
-from lcredit.cli import quote_path_overrides
+from lcredit.cli import quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
 from lcredit.errors import ConfigError
 from lcredit.rules.estimator import Estimator
-from lcredit.train import CONF_DIR, build_rule, write_json
+from lcredit.train import CONF_DIR, build_rule
 
 METHOD_DIR = Path(CONF_DIR) / "method"
 
@@ -125,20 +124,9 @@ def to_markdown(result: dict, metrics=("gamma", "rho", "nudge")) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = probe(cfg.ckpt, list(cfg.rules), int(cfg.steps),
-                       OmegaConf.to_container(cfg.overrides, resolve=True), cfg.batch_size,
-                       cfg.data_root)
-    except ConfigError as err:
-        print(f"lcredit.probe: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "probe.json", result)
-    text = to_markdown(result)
-    (out / "probe.md").write_text(text)
-    print(text)
-    print(f"probe: {out / 'probe.json'}")
+    run_snapshot_tool("probe", cfg, lambda: probe(cfg.ckpt, list(cfg.rules), int(cfg.steps),
+                           OmegaConf.to_container(cfg.overrides, resolve=True), cfg.batch_size,
+                           cfg.data_root), to_markdown)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Sources (``source``):
 - ``frozen_random``: the network at its random init, never trained;
 - ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
 
-With ``credit_norm`` the aux credit is rescaled, per sample, to the RMS of DFA's credit, so alpha
-mixes directions of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
+With ``credit_norm`` the aux credit is rescaled to the RMS of DFA's credit (over the batch), so
+alpha mixes credits of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
 Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
 moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
@@ -50,15 +50,15 @@ class Blend(VEC):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 M=4, eps=1e-3, one_sided=False, terminal_weight=1.0, shuffle_targets=False,
-                 source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
+                 M=4, eps=1e-3, eps_scale="relative", one_sided=False, terminal_weight=1.0,
+                 shuffle_targets=False, source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
                  freeze_after=None, decay_to=None, decay_epochs=0):
         check_choice("method.source", source, SOURCES)
         self.source = source
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, M, eps, one_sided, terminal_weight,
-                         shuffle_targets)
+                         periodic_refit, topdown, M, eps, eps_scale, one_sided,
+                         terminal_weight, shuffle_targets)
         check_range("method.alpha", alpha, 0.0, 1.0)
         check_choice("method.alpha_decay", alpha_decay, ("constant", "linear"))
         check_range("method.alpha_end", alpha_end, 0.0, 1.0)
@@ -93,16 +93,16 @@ class Blend(VEC):
         return a
 
     def current_alpha(self) -> float:
-        return self.alpha_at(self.current_epoch)
+        return self.alpha_at(self.epoch())
 
     def trains_estimator(self) -> bool:
         if self.source in UNTRAINED:
             return False
-        return self.freeze_after is None or self.current_epoch < self.freeze_after
+        return self.freeze_after is None or self.epoch() < self.freeze_after
 
     # ---------------------------------------------------------------- credit
     def aux_credit(self, l: int, p: Pass) -> torch.Tensor:
-        """The aux source's a_l (before blending), rescaled to DFA's per-sample RMS."""
+        """The aux source's a_l (before blending), rescaled to the RMS of DFA's a_l."""
         h = p.states[l]
         if self.source == "gaussian_noise":
             a = torch.randn(h.shape, generator=self.generator(h.device), device=h.device,
@@ -117,8 +117,7 @@ class Blend(VEC):
         if not self.credit_norm:
             return a
         d = self.dfa_credit(l, p)
-        rms = d.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (a.ndim - 1)))
-        return rms_normalise(a) * rms.to(a.dtype)
+        return rms_normalise(a) * d.pow(2).mean().sqrt().to(a.dtype)
 
     def rule_credit(self, l, p):
         d = self.dfa_credit(l, p)

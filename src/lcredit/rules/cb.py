@@ -1,9 +1,10 @@
 """Credit bridge: a value network whose input-gradient is the credit (SPEC §3)."""
 import torch
 
-from lcredit.errors import check_range
+from lcredit.errors import check_choice, check_range
+from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32
-from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq
+from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq, relative_sq
 
 
 class CB(Estimator):
@@ -13,13 +14,19 @@ class CB(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 tgw=1.0, K=4, sigma=0.05):
+                 tgw=1.0, K=4, sigma=0.05, sigma_scale="relative", bridge_noise="input",
+                 bridge_slope=1.0):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown)
         check_range("method.tgw", tgw, 0.0)
         check_range("method.K", K, 1)
         check_range("method.sigma", sigma, 0.0)
+        check_choice("method.sigma_scale", sigma_scale, ("absolute", "relative"))
+        check_choice("method.bridge_noise", bridge_noise, ("input", "target"))
+        check_range("method.bridge_slope", bridge_slope, 0.0)
+        self.sigma_scale, self.bridge_noise = sigma_scale, bridge_noise
+        self.bridge_slope = float(bridge_slope)
         self.tgw, self.K, self.sigma = float(tgw), int(K), float(sigma)
         self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar")
 
@@ -36,29 +43,77 @@ class CB(Estimator):
 
     def estimator_loss(self, p: Pass):
         losses = self.loss_terms(p, self.condition(p))
-        return losses["terminal_value"] + self.tgw * losses["terminal_grad"] + losses["bridge"]
+        return (losses["terminal_value"] + self.tgw * losses["terminal_grad"] + losses["bridge"]
+                + self.bridge_slope * losses.get("bridge_slope", 0.0))
 
     def loss_terms(self, p: Pass, s) -> dict:
         depth = len(p.states) - 1
         target_value = self.per_sample_loss(p.logits, p.y).detach()
         v_top, dv_top = self.value_and_grad(depth, p.states[-1], s, create_graph=self.tgw > 0)
         out = {"terminal_value": (v_top - target_value).pow(2).mean(),
-               # Output-local: g_L is the exact gradient at h_L, no hidden backprop.
-               "terminal_grad": per_sample_sq(dv_top - at_least_fp32(p.g_top)).mean()}
+               # Output-local: g_L is the exact gradient at h_L, no hidden backprop. Relative
+               # to ||g_L||^2, so it still counts when g_L shrinks by orders of magnitude.
+               "terminal_grad": relative_sq(dv_top - at_least_fp32(p.g_top), p.g_top)}
         gen = self.generator(p.states[0].device)
         bridge = 0.0
         for l in range(depth):
-            nxt = at_least_fp32(p.states[l + 1].detach())
+            here = at_least_fp32(p.states[l].detach())
+            cond = None if s is None else s.repeat(self.K, 1)
             with torch.no_grad():
-                noise = torch.randn((self.K, *nxt.shape), generator=gen, device=nxt.device,
-                                    dtype=nxt.dtype)
-                noisy = (nxt[None] + self.sigma * noise).flatten(0, 1)
-                cond = None if s is None else s.repeat(self.K, 1)
-                target = self.value(noisy, l + 1, cond).view(self.K, -1).mean(0)
-            v = self.value(at_least_fp32(p.states[l].detach()), l, s)
+                if self.bridge_noise == "target":
+                    nxt = at_least_fp32(p.states[l + 1].detach())
+                    noise = torch.randn((self.K, *nxt.shape), generator=gen, device=nxt.device,
+                                        dtype=nxt.dtype)
+                    noisy = (nxt[None] + self.noise_scale(nxt) * noise).flatten(0, 1)
+                    target = self.value(noisy, l + 1, cond).view(self.K, -1).mean(0)
+                else:  # input: the same noisy h_l on both sides, through block l (forward only)
+                    noise = torch.randn((self.K, *here.shape), generator=gen, device=here.device,
+                                        dtype=here.dtype)
+                    moved = (here[None] + self.noise_scale(here) * noise).flatten(0, 1)
+                    with preserved_buffers(self.model):
+                        nxt = at_least_fp32(self.model.blocks[l](moved.to(p.states[l].dtype)))
+                    target = self.value(nxt, l + 1, cond)
+            if self.bridge_noise == "target":
+                v = self.value(here, l, s)
+            else:
+                v = self.value(moved, l, cond)
             bridge = bridge + (v - target).pow(2).mean()
         out["bridge"] = bridge
+        if self.bridge_slope > 0:
+            out["bridge_slope"] = self.slope_consistency(p, s, gen)
         return out
+
+    def slope_consistency(self, p: Pass, s, gen) -> torch.Tensor:
+        """The bridge in differences: along K random directions xi of length sigma, the change
+        of V_l across h_l +- xi matches (stop-gradient) the change of V_{l+1} across
+        F_l(h_l +- xi), relative to the latter's size. Values alone pin V down only at the
+        visited states, which leaves its gradient — the credit — free; this term is the first
+        order of the same consistency, and trains the gradient directly (forward passes
+        through one block only)."""
+        total = 0.0
+        cond = None if s is None else s.repeat(2 * self.K, 1)
+        for l in range(len(p.states) - 1):
+            here = at_least_fp32(p.states[l].detach())
+            xi = torch.randn((self.K, *here.shape), generator=gen, device=here.device,
+                             dtype=here.dtype)
+            xi = xi / xi.flatten(2).norm(dim=2).view(self.K, -1, *([1] * (here.ndim - 1)))
+            step = self.noise_scale(here) * here[0].numel() ** 0.5 * xi
+            pair = torch.cat([here[None] + step, here[None] - step]).flatten(0, 1)
+            with torch.no_grad(), preserved_buffers(self.model):
+                nxt = at_least_fp32(self.model.blocks[l](pair.to(p.states[l].dtype)))
+                up = self.value(nxt, l + 1, cond).view(2, self.K, -1)
+                target = up[0] - up[1]
+            v = self.value(pair, l, cond).view(2, self.K, -1)
+            total = total + relative_sq((v[0] - v[1]) - target, target)
+        return total
+
+    def noise_scale(self, h):
+        """sigma, or (relative) sigma times the per-sample RMS of h: a fixed absolute noise
+        vanishes against a residual stream that has grown a hundredfold."""
+        if self.sigma_scale == "absolute":
+            return self.sigma
+        rms = h.flatten(1).pow(2).mean(1).sqrt()
+        return self.sigma * rms.view(1, -1, *([1] * (h.ndim - 1)))
 
     def terminal_gradient_error(self, p: Pass) -> torch.Tensor:
         """Mean ||dV/dh(h_L) - g_L||^2 / ||g_L||^2: how well V's gradient matches at the top."""

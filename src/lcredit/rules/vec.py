@@ -2,27 +2,29 @@
 finite-difference directional derivatives of the forward loss (SPEC §3)."""
 import torch
 
-from lcredit.errors import check_range
+from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
 from lcredit.rules.base import Pass, at_least_fp32
-from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq
+from lcredit.rules.estimator import CreditNet, Estimator, relative_sq
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
     """delta_u = (Lfwd(h + eps u) - Lfwd(h - eps u)) / (2 eps) for directions ``u`` (M, *h.shape);
     one-sided: (Lfwd(h + eps u) - Lfwd(h)) / eps. Lfwd runs the rest of the network *forward*
-    from layer l: no backward pass. Returns (M, B)."""
+    from layer l: no backward pass. ``eps``: a number or one step per sample. Returns (M, B)."""
     m, n = u.shape[0], h.shape[0]
     ys = y.repeat(m, *([1] * (y.ndim - 1)))
+    eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device).expand(n)
+    step = eps.view(1, n, *([1] * (h.ndim - 1)))
 
     def lfwd(states, labels):
         return loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), labels)
 
     with torch.no_grad(), preserved_buffers(model):
-        plus = lfwd((h[None] + eps * u).flatten(0, 1), ys).view(m, n)
+        plus = lfwd((h[None] + step * u).flatten(0, 1), ys).view(m, n)
         if one_sided:
             return (plus - lfwd(h, y)[None]) / eps
-        minus = lfwd((h[None] - eps * u).flatten(0, 1), ys).view(m, n)
+        minus = lfwd((h[None] - step * u).flatten(0, 1), ys).view(m, n)
         return (plus - minus) / (2 * eps)
 
 
@@ -37,14 +39,17 @@ class VEC(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 M=4, eps=1e-3, one_sided=False, terminal_weight=1.0, shuffle_targets=False):
+                 M=4, eps=1e-3, eps_scale="relative", one_sided=False, terminal_weight=1.0,
+                 shuffle_targets=False):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown)
         check_range("method.M", M, 1)
         check_range("method.eps", eps, 0.0, lo_open=True)
+        check_choice("method.eps_scale", eps_scale, ("absolute", "relative"))
         check_range("method.terminal_weight", terminal_weight, 0.0)
         self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
+        self.eps_scale = eps_scale
         self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
         self.field = self.make_field()
 
@@ -60,10 +65,22 @@ class VEC(Estimator):
     def estimator_loss(self, p: Pass):
         return self.field_loss(p, self.condition(p), self.field_output)
 
+    def step(self, h: torch.Tensor):
+        """The finite-difference step: ``eps``, or (relative) ``eps * ||h||`` per sample. An
+        absolute step on a residual stream grown to norm ~1e4 changes the loss by less than
+        float32 can resolve: the targets would be rounding noise."""
+        if self.eps_scale == "absolute":
+            return self.eps
+        return self.eps * h.flatten(1).norm(dim=1).clamp_min(1e-12)
+
     def field_loss(self, p: Pass, s, output, shuffle=None):
-        """sum over layers of (dim/M) sum_u (<A, u> - delta_u)^2, mean over samples (an
-        unbiased estimate of ||A - g||^2 up to the finite-difference error), plus the terminal
-        term ||A(h_L) - g_L||^2 (output-local)."""
+        """Per layer, sum_u (<A, u> - delta_u)^2 relative to sum_u delta_u^2 (over the batch),
+        plus the terminal term ||A(h_L) - g_L||^2 relative to ||g_L||^2 (output-local).
+
+        (dim/M) sum_u (<A, u> - delta_u)^2 is an unbiased estimate of ||A - g||^2 up to the
+        finite-difference error; taking it relative to the targets' own size keeps the field
+        learning at the same pace when the gradients shrink by orders of magnitude (a growing
+        residual stream behind a LayerNorm), instead of letting the loss vanish with them."""
         shuffle = self.shuffle_targets if shuffle is None else shuffle
         gen = self.generator(p.states[0].device)
         depth = len(p.states) - 1
@@ -71,15 +88,15 @@ class VEC(Estimator):
         for l in range(depth):
             h = at_least_fp32(p.states[l].detach())
             u = unit_directions(self.M, h, gen)
-            target = directional_targets(self.model, l, h, p.y, u, self.eps,
+            target = directional_targets(self.model, l, h, p.y, u, self.step(h),
                                          self.per_sample_loss, self.one_sided)
             if shuffle:  # control: each sample is trained toward another sample's targets
                 target = target[:, torch.randperm(h.shape[0], generator=gen, device=h.device)]
             a = output(l, h, s)
             pred = (a[None] * u).flatten(2).sum(2)
-            total = total + (self.dims[l] / self.M) * (pred - target).pow(2).sum(0).mean()
+            total = total + relative_sq(pred - target, target)
         if self.terminal_weight > 0:
             a_top = output(depth, p.states[-1].detach(), s)
-            total = total + self.terminal_weight * per_sample_sq(
-                a_top - at_least_fp32(p.g_top)).mean()
+            g = at_least_fp32(p.g_top)
+            total = total + self.terminal_weight * relative_sq(a_top - g, g)
         return total
