@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # e.g. `make run TORCH="torch torchvision"`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup dev run test bench clean
+.PHONY: setup dev run test bench ladder clean
 
 $(VENV)/.setup: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ test: dev
 
 bench: setup
 	$(PY) scripts/bench.py --readme README.md $(ARGS)
+
+ladder: setup
+	$(PY) scripts/ladder_credit.py --readme README.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -1,14 +1,15 @@
-"""Copy docs/bench.md into README.md between the bench markers (used by bench.py --readme)."""
+"""Copy a generated table into README.md between its markers (``<!-- bench:start -->`` ...
+``<!-- bench:end -->`` for bench.py, ``ladder`` for ladder_credit.py)."""
 import re
 import sys
 from pathlib import Path
 
 
-def update(readme: Path, table: str) -> None:
+def update(readme: Path, table: str, marker: str = "bench") -> None:
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- bench:start[^>]*-->\n).*?(<!-- bench:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {marker}:start[^>]*-->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- bench:start --> ... <!-- bench:end --> markers")
+        raise SystemExit(f"{readme}: no <!-- {marker}:start --> ... <!-- {marker}:end --> markers")
     readme.write_text(pattern.sub(lambda m: m.group(1) + table.rstrip() + "\n" + m.group(2), text))
 
 

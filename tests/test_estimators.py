@@ -311,3 +311,17 @@ def test_a_copy_without_trainer_measures_the_credit_of_the_runs_phase():
         credit = copy_.credit(x, y)
         assert copy_.phase() == ("warmup" if warm else "rule")
         assert torch.equal(credit[1], dfa[1]) == warm
+
+
+def test_credit_norm_batch_keeps_per_sample_weights_and_sample_equalises_them():
+    from lcredit.rules.estimator import rms_normalise
+    a = torch.randn(8, 5, dtype=torch.float64) * torch.arange(1, 9, dtype=torch.float64)[:, None]
+    batch_ = rms_normalise(a)
+    torch.testing.assert_close(batch_.pow(2).mean(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch_.norm(dim=1) / a.norm(dim=1),
+                               (batch_.norm(dim=1) / a.norm(dim=1))[:1].expand(8))
+    per = rms_normalise(a, per_sample=True)
+    torch.testing.assert_close(per.pow(2).mean(1), torch.ones(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    rule = VEC(make_model(), SHAPE, C, credit_norm="sample")
+    assert rule.credit_norm == "sample"
+    assert VEC(make_model(), SHAPE, C, credit_norm=False).credit_norm is None

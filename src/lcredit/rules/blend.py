@@ -15,8 +15,8 @@ Sources (``source``):
 - ``frozen_random``: the network at its random init, never trained;
 - ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
 
-With ``credit_norm`` the aux credit is rescaled to the RMS of DFA's credit (over the batch), so
-alpha mixes credits of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
+With ``credit_norm`` the aux credit is rescaled to the RMS of DFA's credit (over the batch, or per
+sample with ``credit_norm: sample``), so alpha mixes credits of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
 Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
 moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
@@ -114,9 +114,12 @@ class Blend(VEC):
         return self._match_dfa_scale(a, l, p)
 
     def _match_dfa_scale(self, a, l, p):
-        if not self.credit_norm:
+        if self.credit_norm is None:
             return a
         d = self.dfa_credit(l, p)
+        if self.credit_norm == "sample":
+            rms = d.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (a.ndim - 1)))
+            return rms_normalise(a, per_sample=True) * rms.to(a.dtype)
         return rms_normalise(a) * d.pow(2).mean().sqrt().to(a.dtype)
 
     def rule_credit(self, l, p):
