@@ -21,10 +21,11 @@ def compose_cfg(out_dir, *overrides):
                                             *QUIET, *overrides])
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def one_thread():
-    """Tests use tiny tensors: one thread is faster, and on a loaded 2-core machine two
-    threads spinning on every small op are many times slower."""
+    """For modules of many tiny ops (relaxations, estimator nets): one thread is faster there,
+    and on a loaded 2-core machine two threads spinning on every small op are many times
+    slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     import torch
 
     threads = torch.get_num_threads()

@@ -15,6 +15,8 @@ from lcredit.probe import probe
 from lcredit.rules import SB
 from lcredit.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = [*TINY_LADDER, "data.n_train=256", "method.width=32"]
 
 

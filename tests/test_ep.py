@@ -16,6 +16,8 @@ from lcredit.rules.bp import BP
 from lcredit.rules.dfa import DFA
 from lcredit.rules.ep import EP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE, C = (12,), 5
 CONVERGED = dict(relax="sweep", T=60, tol=1e-6)
 

@@ -12,6 +12,8 @@ from lcredit.rules.blend import SOURCES
 from lcredit.rules.vec import directional_targets, unit_directions
 from lcredit.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE, C = (12,), 5
 
 
