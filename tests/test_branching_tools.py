@@ -8,12 +8,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY_LADDER
+from lcredit.data import build_task
 from lcredit.errors import ConfigError
 from lcredit.exploit import exploit
 from lcredit.models import ResMLP
 from lcredit.probe import probe
 from lcredit.rules import SB
-from lcredit.train import train
+from lcredit.rules.blend import SOURCES
+from lcredit.train import build_rule, fit_task, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,15 +54,30 @@ def test_init_from_starts_from_the_checkpoints_network_and_feedback(make_cfg, df
     assert "model" in r["init_from"]["loaded"]
 
 
-def test_random_trainable_keeps_its_aux_fresh_when_branching(make_cfg, tmp_path):
-    vec = train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1", out="vec"))
-    src = torch.load(vec["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
-    seen = StartState()
-    train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1", "method.source=random_trainable",
-                   f"init_from={vec['checkpoint']}", out="branch"), extra_callbacks=[seen])
-    assert all(torch.equal(seen.state[k], src[k]) for k in src if k.startswith("model."))
-    field = [k for k in src if k.startswith("field.")]
-    assert field and not all(torch.equal(seen.state[k], src[k]) for k in field)
+@pytest.fixture(scope="module")
+def vec_blend_run(tmp_path_factory):
+    from conftest import compose_cfg
+    out = tmp_path_factory.mktemp("vec")
+    return train(compose_cfg(out / "run", "method=blend", *SMALL, "trainer.max_epochs=1"))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_run, source):
+    """Controls (random_trainable, frozen_random, ...) start from their own random init: taken
+    from a trained vec run they would start from the answer."""
+    from lcredit.train import branch_from
+    ckpt = vec_blend_run["checkpoint"]
+    src = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    cfg = make_cfg("method=blend", *SMALL, f"method.source={source}")
+    task = fit_task(cfg, build_task(cfg.data))
+    torch.manual_seed(123)
+    rule = build_rule(cfg, task)
+    taken = branch_from(rule, ckpt)
+    own = rule.state_dict()
+    assert all(torch.equal(own[k], src[k]) for k in own if k.startswith(("model.", "feedback_")))
+    shared = [k for k in own if k.startswith("field.") and k in src and own[k].shape == src[k].shape]
+    loaded = shared and all(torch.equal(own[k], src[k]) for k in shared)
+    assert bool(loaded) == (source in ("vec", "dfa_norm_matched")), taken
 
 
 def test_init_from_a_different_model_is_a_clear_error(make_cfg, dfa_run):
@@ -138,3 +155,13 @@ def test_probe_and_exploit_clis_write_their_files(bp_snapshot, tmp_path):
                            f"ckpt={bp_snapshot['checkpoint']}", "rules=[nope]"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probe_keeps_a_batchnorm_snapshot_frozen(make_cfg):
+    """BatchNorm's running statistics are part of the snapshot: fitting an estimator on it
+    must not move them (the probe refuses a snapshot that changed)."""
+    snap = train(make_cfg("method=bp", "model=small_cnn", "data=gaussian_images",
+                          "data.n_train=64", "data.n_test=32", "trainer.max_epochs=1"))
+    res = probe(snap["checkpoint"], ["sb", "vec"], steps=3, overrides={"vec": {"width": 16},
+                                                                      "sb": {"width": 16}})
+    assert set(res["rules"]) == {"sb", "vec"}

@@ -196,11 +196,13 @@ def test_an_untrained_aux_never_changes(source):
         opt.step()
     for k, v in rule.field.state_dict().items():
         assert torch.equal(v, before[k]), k
-    if source == "gaussian_noise":  # fresh noise every step, not one frozen draw
+    if source == "gaussian_noise":  # fresh noise every step and every layer, not one draw
+        noise = Blend(make_model(), SHAPE, C, source=source, alpha=1.0, credit_norm=False).double()
         x, y = batch()
-        first = rule.credit(x, y)
-        rule.compute_gradients(x, y)
-        assert not torch.equal(rule.credit(x, y)[1], first[1])
+        first = noise.credit(x, y)
+        assert not torch.equal(first[1], first[2])
+        noise.compute_gradients(x, y)
+        assert not torch.equal(noise.credit(x, y)[1], first[1])
 
 
 class FieldSnapshots(Callback):
@@ -229,6 +231,14 @@ def test_freeze_after_stops_aux_training_at_that_epoch(make_cfg):
     assert same(s[2], s[3]) and same(s[3], s[4])           # frozen from epoch 3 on
     assert [row["aux_trained"] for row in r["history"]] == [True, True, False, False]
     assert [row["alpha"] for row in r["history"]] == [0.5, 0.5, 0.25, 0.0]
+
+
+def test_decay_options_without_what_they_need_are_errors():
+    from lcredit.errors import ConfigError
+    with pytest.raises(ConfigError, match="method.decay_to"):
+        Blend(make_model(), SHAPE, C, decay_to=0.0)
+    with pytest.raises(ConfigError, match="method.decay_epochs"):
+        Blend(make_model(), SHAPE, C, freeze_after=1, decay_epochs=2)
 
 
 def test_linear_alpha_decay_reaches_alpha_end():

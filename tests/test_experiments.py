@@ -33,3 +33,5 @@ def test_every_swept_value_builds(tmp_path, name):
             rule = build_rule(cfg, task)
             x, y = task.x_train[:8], task.y_train[:8]
             assert len(rule.credit(x, y)) == len(rule.model.blocks) + 1, (key, value)
+            loss, _ = rule.compute_gradients(x, y)  # the update, estimator training included
+            assert torch.isfinite(loss), (key, value)

@@ -53,6 +53,9 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
     if not isinstance(rule, Estimator) or steps == 0:
         return []
     rule.updates_model = lambda: False   # the snapshot stays frozen: only the estimator learns
+    # ... in eval mode, as the diagnostics measure it (BatchNorm on its running statistics).
+    was_training = rule.model.training
+    rule.model.eval()
     opt = rule.configure_optimizers()
     losses, done = [], 0
     while done < steps:
@@ -67,6 +70,7 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
                 break
         batches.sampler.set_epoch(batches.sampler.epoch + 1)
     del rule.updates_model
+    rule.model.train(was_training)
     k = max(1, steps // 10)
     return [sum(losses[:k]) / k, sum(losses[-k:]) / k]
 

@@ -65,6 +65,7 @@ def block_update_directions(source, model, batches, loss_fn):
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         if _is_rule(source):
+            source.aux_training = False  # a measuring copy: no step of its estimator
             with torch.enable_grad():
                 source.compute_gradients(x, y)
         else:  # the shared block-local surrogate with the function's credit

@@ -35,6 +35,14 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def no_autocast(device: torch.device):
+    """Full precision for small differences (an O(beta) nudge, a finite-difference step): they
+    are lost in bf16 rounding under an outer autocast."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -87,6 +95,9 @@ class Rule(L.LightningModule):
     # may run as such (same numbers, one autograd call instead of one per block).
     credit_is_vjp = False
     trains_blocks = True   # frozen: blocks stay at their initialisation
+    # The protocol's stability check (c) runs the update on a copy: it needs the block update
+    # directions only, not a step of the rule's own estimator.
+    aux_training = True
 
     def __init__(self, model: BlockModel, input_shape, num_classes: int, optimizer=None,
                  penalty_lam: float = 0.0):
@@ -211,7 +222,7 @@ class Rule(L.LightningModule):
         if penalise:
             torch.autograd.backward(self.penalty(blocks, ins, outs),
                                     inputs=[q for b in blocks for q in trainable(b)])
-        if update:
+        if update and self.aux_training:
             self.train_auxiliary(p)
         return loss.detach(), logits.detach(), p.credits
 

@@ -24,7 +24,7 @@ moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
 import torch
 from torch import nn
 
-from lcredit.errors import check_choice, check_range
+from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.rules.base import Pass, at_least_fp32
 from lcredit.rules.estimator import per_sample_sq, rms_normalise
 from lcredit.rules.vec import VEC
@@ -67,13 +67,20 @@ class Blend(VEC):
         if decay_to is not None:
             check_range("method.decay_to", decay_to, 0.0, 1.0)
         check_range("method.decay_epochs", decay_epochs, 0)
+        if decay_to is not None and freeze_after is None:
+            raise ConfigError("method.decay_to needs method.freeze_after (alpha decays after "
+                              "the aux is frozen)")
+        if decay_epochs and decay_to is None:
+            raise ConfigError("method.decay_epochs needs method.decay_to")
         self.alpha, self.alpha_decay, self.alpha_end = float(alpha), alpha_decay, float(alpha_end)
         self.freeze_after, self.decay_to = freeze_after, decay_to
         self.decay_epochs = int(decay_epochs)
         if source in UNTRAINED:
             self.field.requires_grad_(False)
-        # random_trainable starts from scratch even when the run branches from a checkpoint.
-        self.fresh_on_branch = ("field.",) if source == "random_trainable" else ()
+        # Only the vec field itself (and the norm it lends dfa_norm_matched) may come from the
+        # checkpoint a run branches from; every control starts from its own random init, or it
+        # would start from the answer (a "frozen_random" field that is a trained one).
+        self.fresh_on_branch = () if source in ("vec", "dfa_norm_matched") else ("field.",)
 
     def make_field(self, inputs="full"):
         if self.source == "perlayer_vector":
@@ -105,8 +112,8 @@ class Blend(VEC):
         """The aux source's a_l (before blending), rescaled to the RMS of DFA's a_l."""
         h = p.states[l]
         if self.source == "gaussian_noise":
-            a = torch.randn(h.shape, generator=self.generator(h.device), device=h.device,
-                            dtype=at_least_fp32(h).dtype)
+            a = torch.randn(h.shape, generator=self.generator(h.device, stream=1 + l),
+                            device=h.device, dtype=at_least_fp32(h).dtype)
         else:
             a = self.field_output(l, h.detach(), self.condition(p)).detach()
         if self.source == "dfa_norm_matched":

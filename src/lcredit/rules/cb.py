@@ -3,7 +3,7 @@ import torch
 
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers
-from lcredit.rules.base import Pass, at_least_fp32
+from lcredit.rules.base import Pass, at_least_fp32, no_autocast
 from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq, relative_sq
 
 
@@ -42,7 +42,8 @@ class CB(Estimator):
         return self.value_and_grad(l, p.states[l], self.condition(p))[1]
 
     def estimator_loss(self, p: Pass):
-        losses = self.loss_terms(p, self.condition(p))
+        with no_autocast(p.states[0].device):  # the bridge compares small differences of V
+            losses = self.loss_terms(p, self.condition(p))
         return (losses["terminal_value"] + self.tgw * losses["terminal_grad"] + losses["bridge"]
                 + self.bridge_slope * losses.get("bridge_slope", 0.0))
 

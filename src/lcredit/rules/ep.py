@@ -52,13 +52,11 @@ per-layer ``rms_b`` norms.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.models.base import preserved_buffers
-from lcredit.rules.base import Pass, Rule, at_least_fp32
+from lcredit.rules.base import Pass, Rule, at_least_fp32, no_autocast
 
 RELAXATIONS = ("sweep", "gd")
 
@@ -66,13 +64,6 @@ RELAXATIONS = ("sweep", "gd")
 def _rms(t: torch.Tensor) -> torch.Tensor:
     """Root mean square over the batch of the per-sample norms."""
     return t.pow(2).sum().div(t.shape[0]).sqrt()
-
-
-def _no_autocast(device: torch.device):
-    # An O(beta) nudge of a state of norm ~1 is lost in bf16 rounding: relax in fp32 or better.
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class EP(Rule):
@@ -123,7 +114,7 @@ class EP(Rule):
         """Credits a_0..a_L from the nudged phase(s) started at the free state ``p.states``;
         fills ``last_relaxation``. Touches no parameter gradient and no buffer."""
         dev = p.states[0].device
-        with torch.enable_grad(), _no_autocast(dev), preserved_buffers(self.model):
+        with torch.enable_grad(), no_autocast(dev), preserved_buffers(self.model):
             free = [at_least_fp32(h.detach()) for h in p.states]
             phases = [self._nudged_phase(free, p.y, b)
                       for b in ((self.beta, -self.beta) if self.symmetric else (self.beta,))]

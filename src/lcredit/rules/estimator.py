@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, trainable
 from lcredit.rules.dfa import DFA
 
@@ -175,6 +176,13 @@ class Estimator(DFA):
     def updates_model(self) -> bool:
         return self.phase() != "fit"
 
+    def compute_gradients(self, x, y):
+        if self.updates_model():
+            return super().compute_gradients(x, y)
+        # A frozen network is frozen whole: BatchNorm's running statistics stay put too.
+        with preserved_buffers(self.model):
+            return super().compute_gradients(x, y)
+
     def trains_estimator(self) -> bool:
         return True
 
@@ -211,9 +219,10 @@ class Estimator(DFA):
 
     def learned_credit(self, l: int, p: Pass) -> torch.Tensor:
         if self.exact_top and l == len(self.state_shapes) - 1:
-            return p.g_top
-        with torch.enable_grad():
-            a = self.estimator_credit(l, p).detach()
+            a = p.g_top  # normalised like every other layer's, so all blocks share one scale
+        else:
+            with torch.enable_grad():
+                a = self.estimator_credit(l, p).detach()
         if self.credit_norm is None:
             return a
         return rms_normalise(a, per_sample=self.credit_norm == "sample")
@@ -234,11 +243,13 @@ class Estimator(DFA):
         own = {id(q) for q in self.model.parameters()}
         return [q for q in trainable(self) if id(q) not in own]
 
-    def generator(self, device) -> torch.Generator:
-        """A generator for this step's noise: a function of (seed, step), so resumes are exact."""
+    def generator(self, device, stream: int = 0) -> torch.Generator:
+        """A generator for this step's noise: a function of (seed, step, stream), so resumes
+        are exact; independent draws (one per layer, say) use different streams."""
         seed = int((self.run_config or {}).get("seed", 0))
         return torch.Generator(device=device).manual_seed(
-            (seed * 1_000_003 + int(self.aux_steps)) % (2**63 - 1))
+            (seed * 1_000_003 + int(self.aux_steps) * 7_919 + stream * 104_729 + stream)
+            % (2**63 - 1))
 
     def train_auxiliary(self, p: Pass) -> None:
         # Every update step advances the noise, whether or not anything is trained (a

@@ -4,7 +4,7 @@ import torch
 
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
-from lcredit.rules.base import Pass, at_least_fp32
+from lcredit.rules.base import Pass, at_least_fp32, no_autocast
 from lcredit.rules.estimator import CreditNet, Estimator, relative_sq
 
 
@@ -20,7 +20,7 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
     def lfwd(states, labels):
         return loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), labels)
 
-    with torch.no_grad(), preserved_buffers(model):
+    with torch.no_grad(), preserved_buffers(model), no_autocast(h.device):
         plus = lfwd((h[None] + step * u).flatten(0, 1), ys).view(m, n)
         if one_sided:
             return (plus - lfwd(h, y)[None]) / eps
