@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 # The torch pair this project is developed and tested with; override for another platform,
 # e.g. `make run TORCH="torch torchvision"`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# The suite runs on every core (pytest-xdist), a test module per worker so module fixtures are
+# built once; `make test PYTEST=` runs it in one process.
+PYTEST ?= -n auto --dist loadscope
 
 .PHONY: setup dev run test bench ladder clean
 
@@ -26,7 +29,7 @@ run: setup
 	$(PY) -m lcredit.train $(ARGS)
 
 test: dev
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(PYTEST) $(ARGS)
 
 bench: setup
 	$(PY) scripts/bench.py --readme README.md $(ARGS)

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,19 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
          "protocol.frozen_baseline=null"]
 TINY_LADDER = ["data.n_train=1024", "data.n_test=512", "model.d=32", "model.depth=2"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores (for its own torch ops and the
+    CLI subprocesses it starts): n workers each spinning all cores would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        share = max(1, (cores or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
 
 
 def compose_cfg(out_dir, *overrides):
