@@ -141,6 +141,16 @@ def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
         rows[("bp", "raw", 1e-2)]["same_batch_delta"], rel=1e-4)
 
 
+def test_exploit_report_says_diverged_rather_than_nan():
+    from lcredit.exploit import to_markdown
+
+    row = {"source": "dfa", "credit": "normalised", "step_size": 1.0, "finite": False,
+           "same_batch_delta": float("nan"), "held_out_delta": float("inf")}
+    text = to_markdown({"snapshot": "s.ckpt", "snapshot_rule": "dfa", "k": 1, "batch_size": 8,
+                        "loss_before": {"same_batch": 1.0, "held_out": 1.0}, "rows": [row]})
+    assert "| dfa | normalised | 1 | diverged | diverged |" in text and "nan" not in text
+
+
 def test_probe_and_exploit_clis_write_their_files(bp_snapshot, tmp_path):
     for tool, args, name in [("probe", ["rules=[dfa]", "steps=0"], "probe"),
                              ("exploit", ["sources=[bp]", "k=1", "step_sizes=[0.01]"], "exploit")]:
