@@ -80,6 +80,25 @@ def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_r
     assert bool(loaded) == (source in ("vec", "dfa_norm_matched")), taken
 
 
+def test_a_module_that_only_partly_fits_is_kept_fresh_whole(make_cfg, vec_blend_run):
+    """Another conditioning code changes some of the field's shapes: the field must then start
+    wholly fresh (not a trained trunk behind a fresh input layer), and results say so."""
+    from lcredit.train import branch_from
+    cfg = make_cfg("method=blend", *SMALL, "method.s_type=deltaL_hL")
+    task = fit_task(cfg, build_task(cfg.data))
+    torch.manual_seed(123)
+    rule = build_rule(cfg, task)
+    init = {k: v.clone() for k, v in rule.state_dict().items()}
+    taken = branch_from(rule, vec_blend_run["checkpoint"])
+    src = torch.load(vec_blend_run["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    own = rule.state_dict()
+    field = [k for k in own if k.startswith("field.")]
+    assert any(k in src and src[k].shape == own[k].shape for k in field)  # some would fit...
+    assert all(torch.equal(own[k], init[k]) for k in field)               # ...none was taken
+    assert "field" in taken["kept_fresh"] and "field" not in taken["loaded"], taken
+    assert "model" in taken["loaded"]
+
+
 def test_init_from_a_different_model_is_a_clear_error(make_cfg, dfa_run):
     with pytest.raises(ConfigError, match="init_from"):
         train(make_cfg("method=vec", *SMALL, "model.d=48", f"init_from={dfa_run['checkpoint']}"))

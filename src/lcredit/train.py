@@ -5,15 +5,18 @@ This is the one place that instantiates models, rules, tasks, loggers and callba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -133,14 +136,26 @@ def branch_from(rule, path) -> dict | None:
     if bad:
         raise ConfigError(f"init_from={path}: its network does not match this model "
                           f"(e.g. {bad[0]}); branch with the same model settings")
-    taken = [k for k in own if k in state and state[k].shape == own[k].shape
-             and not k.startswith(tuple(getattr(rule, "fresh_on_branch", ())))]
+    # Module by module, all or nothing: half a value network (its trunk from the checkpoint,
+    # a conditioning layer of another shape fresh) would be neither trained nor fresh.
+    fresh = tuple(getattr(rule, "fresh_on_branch", ()))
+    modules: dict[str, list[str]] = {}
+    for k in own:
+        if not k.startswith(fresh):
+            modules.setdefault(k.split(".")[0], []).append(k)
+    taken, skipped = [], {}
+    for name, keys in modules.items():
+        odd = next((k for k in keys if k not in state or state[k].shape != own[k].shape), None)
+        if odd is None:
+            taken += keys
+        elif name != "model":
+            skipped[name] = f"{odd}: {'absent' if odd not in state else 'other shape'}"
     rule.load_state_dict({k: state[k] for k in taken}, strict=False)
     src = ckpt.get("lcredit", {})
     history = src.get("history") or []
     return {"checkpoint": str(path), "rule": src.get("rule"),
             "epoch": history[-1]["epoch"] if history else 0,
-            "loaded": sorted({k.split(".")[0] for k in taken})}
+            "loaded": sorted({k.split(".")[0] for k in taken}), "kept_fresh": skipped}
 
 
 def _loggers(cfg):
@@ -158,6 +173,17 @@ def _callbacks(cfg, progress_bar: bool):
            if node is not None and "_target_" in node]
     # trainer.enable_progress_bar=false wins over a progress bar in the callbacks group.
     return [cb for cb in cbs if progress_bar or not isinstance(cb, ProgressBar)]
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, numpy's and torch's (CPU and CUDA) global random states are as they were."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)
 
 
 def train(cfg: DictConfig, extra_callbacks=()) -> dict:
@@ -179,11 +205,14 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
 
     bcfg = batching(cfg.data)
     task = fit_task(cfg, build_task(cfg.data)).to(_device(tcfg))
-    # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
-    frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
 
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    rule = build_rule(cfg, task)
+    rule = build_rule(cfg, task)  # every bad method option fails here, before any training
+    rule.check_trainer(tcfg)
+    # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
+    # Training the baseline here (when not cached) must not move this run's random streams.
+    with preserved_rng():
+        frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
     rule.run_config = resolved
     rule.frozen_baseline = frozen_baseline
     branched = branch_from(rule, cfg.get("init_from"))

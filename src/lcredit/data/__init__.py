@@ -114,8 +114,8 @@ def build_task(data_cfg: DictConfig) -> Task:
 def batching(data_cfg: DictConfig) -> dict:
     bs = int(data_cfg.get("batch_size", 128))
     ebs = int(data_cfg.get("eval_batch_size", 1000))
-    check_range("data.batch_size", bs, 1)
-    check_range("data.eval_batch_size", ebs, 1)
+    check_range("data.batch_size", bs, 1, integer=True)
+    check_range("data.eval_batch_size", ebs, 1, integer=True)
     return {"batch_size": bs, "eval_batch_size": ebs,
             "random_targets": bool(data_cfg.get("random_targets", False))}
 

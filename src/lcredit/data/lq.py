@@ -43,8 +43,8 @@ def lq_costate(model, x, y):
 def lq(d_in: int = 16, d_out: int = 8, n_train: int = 4096, n_test: int = 1024,
        noise: float = 0.0, seed: int = 0) -> Task:
     """Targets y = T x (+ noise) for a fixed random T; Gaussian inputs."""
-    check_range("data.d_in", d_in, 1)
-    check_range("data.d_out", d_out, 1)
+    check_range("data.d_in", d_in, 1, integer=True)
+    check_range("data.d_out", d_out, 1, integer=True)
     check_range("data.noise", noise, 0.0)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d_in, generator=g)

@@ -20,12 +20,12 @@ def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: f
     linear map to ``num_classes`` scores. Everything is drawn from ``seed`` alone, on the CPU,
     so the task and its fixed train/test split are identical on every machine and device.
     """
-    check_range("data.d", d, 1)
-    check_range("data.num_classes", num_classes, 2)
-    check_range("data.teacher_depth", teacher_depth, 0)
+    check_range("data.d", d, 1, integer=True)
+    check_range("data.num_classes", num_classes, 2, integer=True)
+    check_range("data.teacher_depth", teacher_depth, 0, integer=True)
     check_range("data.alpha", alpha, 0.0, 1.0)
-    check_range("data.n_train", n_train, 1)
-    check_range("data.n_test", n_test, 1)
+    check_range("data.n_train", n_train, 1, integer=True)
+    check_range("data.n_test", n_test, 1, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d, generator=g)
     z = x
@@ -45,9 +45,9 @@ def gaussian_images(shape=(3, 32, 32), num_classes: int = 10, n_train: int = 500
     files are not at hand; it says nothing about CIFAR itself.
     """
     shape = tuple(int(s) for s in shape)
-    check_range("data.num_classes", num_classes, 2)
-    check_range("data.n_train", n_train, 1)
-    check_range("data.n_test", n_test, 1)
+    check_range("data.num_classes", num_classes, 2, integer=True)
+    check_range("data.n_train", n_train, 1, integer=True)
+    check_range("data.n_test", n_test, 1, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, *shape, generator=g)
     w = torch.randn(num_classes, x[0].numel(), generator=g)

@@ -54,8 +54,8 @@ class ResMLP(BlockModel):
         w2_std=None,
     ):
         super().__init__()
-        check_range("model.d", d, 1)
-        check_range("model.depth", depth, 1)
+        check_range("model.d", d, 1, integer=True)
+        check_range("model.depth", depth, 1, integer=True)
         check_range("model.mlp_ratio", mlp_ratio, 0, lo_open=True)
         check_choice("model.act", act, ACTIVATIONS)
         if w2_std is not None and float(w2_std) < 0:

@@ -23,8 +23,8 @@ class SmallCNN(BlockModel):
         if len(widths) != 3:
             raise ValueError("model.widths must list the 3 conv stages' channels")
         for w in widths:
-            check_range("model.widths", w, 1)
-        check_range("model.fc_width", fc_width, 1)
+            check_range("model.widths", w, 1, integer=True)
+        check_range("model.fc_width", fc_width, 1, integer=True)
         channels, h, w = input_shape
         self.embed = nn.Sequential(*conv_bn_act(channels, widths[0], act))
         stages, c = [], widths[0]

@@ -70,8 +70,8 @@ class ViTMini(BlockModel):
                  heads: int = 4, patch: int = 4, mlp_ratio: float = 2.0, act: str = "gelu",
                  image_size: int = 32):
         super().__init__()
-        check_range("model.d", d, 1)
-        check_range("model.depth", depth, 1)
+        check_range("model.d", d, 1, integer=True)
+        check_range("model.depth", depth, 1, integer=True)
         check_choice("model.act", act, ACTIVATIONS)
         if d % heads:
             raise ConfigError(f"model.d={d} must be divisible by model.heads={heads}")

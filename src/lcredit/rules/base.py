@@ -287,6 +287,9 @@ class Rule(L.LightningModule):
         if self.loss_kind == "ce":
             self.test_acc.update(logits, y)
 
+    def check_trainer(self, trainer_cfg: dict) -> None:
+        """Refuse trainer settings this rule's options cannot work with (before training)."""
+
     def on_fit_start(self):
         self.log_every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
 

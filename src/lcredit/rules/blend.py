@@ -15,8 +15,10 @@ Sources (``source``):
 - ``frozen_random``: the network at its random init, never trained;
 - ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
 
-With ``credit_norm`` the aux credit is rescaled to the RMS of DFA's credit (over the batch, or per
-sample with ``credit_norm: sample``), so alpha mixes credits of one scale. alpha = 0 is DFA exactly and alpha = 1 the aux source exactly.
+The aux credit is what its own rule would give (the field through ``credit_norm``). With
+``credit_norm`` the two credits are mixed at one scale (each over its RMS, over the batch or per
+sample) and the mixture carries the alpha-interpolated RMS, so alpha is the share of direction;
+alpha = 0 is DFA exactly and alpha = 1 the aux source exactly (for ``vec``: the vec rule's credit).
 Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
 moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
@@ -63,10 +65,10 @@ class Blend(VEC):
         check_choice("method.alpha_decay", alpha_decay, ("constant", "linear"))
         check_range("method.alpha_end", alpha_end, 0.0, 1.0)
         if freeze_after is not None:
-            check_range("method.freeze_after", freeze_after, 0)
+            check_range("method.freeze_after", freeze_after, 0, integer=True)
         if decay_to is not None:
             check_range("method.decay_to", decay_to, 0.0, 1.0)
-        check_range("method.decay_epochs", decay_epochs, 0)
+        check_range("method.decay_epochs", decay_epochs, 0, integer=True)
         if decay_to is not None and freeze_after is None:
             raise ConfigError("method.decay_to needs method.freeze_after (alpha decays after "
                               "the aux is frozen)")
@@ -99,6 +101,10 @@ class Blend(VEC):
             a = a + (self.decay_to - a) * frac
         return a
 
+    def schedule_needs_epochs(self) -> list[str]:
+        return super().schedule_needs_epochs() + (
+            ["method.alpha_decay=linear"] if self.alpha_decay == "linear" else [])
+
     def current_alpha(self) -> float:
         return self.alpha_at(self.epoch())
 
@@ -108,39 +114,51 @@ class Blend(VEC):
         return self.freeze_after is None or self.epoch() < self.freeze_after
 
     # ---------------------------------------------------------------- credit
-    def aux_credit(self, l: int, p: Pass) -> torch.Tensor:
-        """The aux source's a_l (before blending), rescaled to the RMS of DFA's a_l."""
+    def estimator_credit(self, l: int, p: Pass) -> torch.Tensor:
+        """The aux source's raw a_l (``learned_credit`` applies credit_norm, as the vec rule)."""
         h = p.states[l]
         if self.source == "gaussian_noise":
-            a = torch.randn(h.shape, generator=self.generator(h.device, stream=1 + l),
-                            device=h.device, dtype=at_least_fp32(h).dtype)
-        else:
-            a = self.field_output(l, h.detach(), self.condition(p)).detach()
-        if self.source == "dfa_norm_matched":
-            return a  # the vec field's output; only its norm is used (rule_credit)
-        return self._match_dfa_scale(a, l, p)
+            return torch.randn(h.shape, generator=self.generator(h.device, stream=1 + l),
+                               device=h.device, dtype=at_least_fp32(h).dtype)
+        return self.field_output(l, h.detach(), self.condition(p))
 
-    def _match_dfa_scale(self, a, l, p):
-        if self.credit_norm is None:
-            return a
-        d = self.dfa_credit(l, p)
+    def aux_credit(self, l: int, p: Pass) -> torch.Tensor:
+        """The aux source's a_l as its own rule would give it: the same field through the same
+        credit_norm (for dfa_norm_matched, the vec field's)."""
+        return self.learned_credit(l, p)
+
+    def _rms(self, t: torch.Tensor) -> torch.Tensor:
+        """The scale credit_norm measures: over the batch, or per sample (``sample``)."""
         if self.credit_norm == "sample":
-            rms = d.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (a.ndim - 1)))
-            return rms_normalise(a, per_sample=True) * rms.to(a.dtype)
-        return rms_normalise(a) * d.pow(2).mean().sqrt().to(a.dtype)
+            return per_sample_sq(t).div(t[0].numel()).sqrt().view(-1, *([1] * (t.ndim - 1)))
+        return t.pow(2).mean().sqrt()
+
+    def blend(self, alpha: float, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """alpha * a + (1 - alpha) * d; with credit_norm the two are mixed at one scale (each
+        divided by its RMS) and the result carries the interpolated RMS, so alpha is the share
+        of direction, and alpha = 1 is ``a`` and alpha = 0 is ``d`` exactly."""
+        if alpha == 1:
+            return a
+        if alpha == 0:
+            return d
+        if self.credit_norm is None:
+            return alpha * a + (1 - alpha) * d
+        ra, rd = self._rms(a), self._rms(d)
+        tiny = torch.finfo(d.dtype).tiny
+        mixed = alpha * a / ra.clamp_min(tiny) + (1 - alpha) * d / rd.clamp_min(tiny)
+        return mixed * (alpha * ra + (1 - alpha) * rd)
 
     def rule_credit(self, l, p):
         d = self.dfa_credit(l, p)
         alpha = self.current_alpha()
         if not self.uses_estimator(l) or alpha == 0:
             return d
-        if self.source == "dfa_norm_matched":
-            v = self._match_dfa_scale(self.aux_credit(l, p), l, p).to(d.dtype)
-            b = alpha * v + (1 - alpha) * d
-            ratio = per_sample_sq(b).sqrt() / per_sample_sq(d).sqrt().clamp_min(1e-30)
-            return d * ratio.view(-1, *([1] * (d.ndim - 1)))
-        a = self.aux_credit(l, p).to(d.dtype)
-        return a if alpha == 1 else alpha * a + (1 - alpha) * d
+        b = self.blend(alpha, self.aux_credit(l, p).to(d.dtype), d)
+        if self.source != "dfa_norm_matched":
+            return b
+        # the vec blend's norm per sample, DFA's direction
+        ratio = per_sample_sq(b).sqrt() / per_sample_sq(d).sqrt().clamp_min(1e-30)
+        return d * ratio.view(-1, *([1] * (d.ndim - 1)))
 
     # ---------------------------------------------------------------- the aux objective
     def estimator_loss(self, p: Pass):

@@ -20,7 +20,7 @@ class CB(Estimator):
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown)
         check_range("method.tgw", tgw, 0.0)
-        check_range("method.K", K, 1)
+        check_range("method.K", K, 1, integer=True)
         check_range("method.sigma", sigma, 0.0)
         check_choice("method.sigma_scale", sigma_scale, ("absolute", "relative"))
         check_choice("method.bridge_noise", bridge_noise, ("input", "target"))

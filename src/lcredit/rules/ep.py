@@ -74,9 +74,7 @@ class EP(Rule):
                  relax: str = "sweep", tol: float = 1e-2):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
         check_range("method.beta", beta, 0.0, lo_open=True)
-        if isinstance(T, bool) or not isinstance(T, int):
-            raise ConfigError(f"method.T={T!r} must be an integer >= 1")
-        check_range("method.T", T, 1)
+        check_range("method.T", T, 1, integer=True)
         check_range("method.eta", eta, 0.0, lo_open=True)
         check_choice("method.symmetric", symmetric, (True, False))
         check_choice("method.relax", relax, RELAXATIONS)
@@ -91,8 +89,10 @@ class EP(Rule):
         # The last relaxation (credits excluded): residual, steps, ep_displacement.
         self.last_relaxation: dict | None = None
         self._pending = None  # (pass, credits) between top_credit and the layer_credit calls
-        # Per-epoch sums of residual, steps and relaxations, on device: no sync per step.
-        self.register_buffer("_ep_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # Per-epoch sums of residual, steps, relaxations and the RMS of each layer's
+        # ep_displacement, on device: no sync per step.
+        self.register_buffer("_ep_sums", torch.zeros(3 + depth + 1, dtype=torch.float64),
+                             persistent=False)
 
     # ---------------------------------------------------------------- credit interface
     def top_credit(self, p: Pass) -> torch.Tensor:
@@ -209,11 +209,13 @@ class EP(Rule):
         sums[0] += r["residual"].to(sums.dtype)
         sums[1] += r["steps"]
         sums[2] += 1
+        sums[3:] += torch.stack(r["ep_displacement_norm"]).to(sums.dtype)
         return out
 
     def _epoch_means(self) -> dict | None:
-        residual, steps, n = self._ep_sums.tolist()
-        return {"residual": residual / n, "steps": steps / n} if n else None
+        residual, steps, n, *disp = self._ep_sums.tolist()
+        return {"residual": residual / n, "steps": steps / n,
+                "displacement": [d / n for d in disp]} if n else None
 
     def on_validation_epoch_end(self):
         rows = len(self.history)
@@ -221,11 +223,14 @@ class EP(Rule):
         means = self._epoch_means()
         # Validation ends the training epoch before on_train_epoch_end resets the sums.
         if len(self.history) > rows and means is not None:
-            self.history[-1].update(ep_residual=means["residual"], ep_steps=means["steps"])
+            self.history[-1].update(ep_residual=means["residual"], ep_steps=means["steps"],
+                                    ep_displacement=means["displacement"])
 
     def on_train_epoch_end(self):
         means = self._epoch_means()
         if means is not None:
             self.log("ep/residual", means["residual"])
             self.log("ep/steps", means["steps"])
+            for l, d in enumerate(means["displacement"]):
+                self.log(f"ep/displacement/l{l}", d)
         self._ep_sums.zero_()

@@ -108,14 +108,14 @@ class Estimator(DFA):
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
         check_choice("method.s_type", s_type, S_TYPES)
-        check_range("method.width", width, 1)
+        check_range("method.width", width, 1, integer=True)
         check_range("method.aux_lr", aux_lr, 0.0, lo_open=True)
         warmup_ratio = self.default_warmup if warmup_ratio is None else warmup_ratio
         check_range("method.warmup_ratio", warmup_ratio, 0.0, 1.0)
-        check_range("method.prefit_epochs", prefit_epochs, 0)
+        check_range("method.prefit_epochs", prefit_epochs, 0, integer=True)
         depth = len(self.state_shapes) - 1
         if topdown is not None:
-            check_range("method.topdown", topdown, 0, depth)
+            check_range("method.topdown", topdown, 0, depth, integer=True)
         self.refit_every, self.refit_epochs = self._parse_refit(periodic_refit)
         self.s_type, self.width, self.aux_lr = s_type, int(width), float(aux_lr)
         check_choice("method.credit_norm", credit_norm, CREDIT_NORMS)
@@ -134,8 +134,8 @@ class Estimator(DFA):
         if not isinstance(spec, dict) or set(spec) != {"every", "epochs"}:
             raise ConfigError(f"method.periodic_refit={spec!r} must be null or "
                               f"{{every: K, epochs: R}} (every K epochs, R epochs of refit)")
-        check_range("method.periodic_refit.every", spec["every"], 1)
-        check_range("method.periodic_refit.epochs", spec["epochs"], 1)
+        check_range("method.periodic_refit.every", spec["every"], 1, integer=True)
+        check_range("method.periodic_refit.epochs", spec["epochs"], 1, integer=True)
         return int(spec["every"]), int(spec["epochs"])
 
     # ---------------------------------------------------------------- schedule
@@ -152,6 +152,20 @@ class Estimator(DFA):
         if trainer is None:
             return self._clock[1]
         return int(trainer.max_epochs) if trainer.max_epochs else 0
+
+    def schedule_needs_epochs(self) -> list[str]:
+        """The options set whose schedule is a fraction of ``trainer.max_epochs``."""
+        return ["method.warmup_ratio"] if self.warmup_ratio > 0 else []
+
+    def check_trainer(self, trainer_cfg: dict) -> None:
+        super().check_trainer(trainer_cfg)
+        needs = self.schedule_needs_epochs()
+        max_epochs = trainer_cfg.get("max_epochs")
+        if needs and (max_epochs is None or max_epochs < 1):
+            raise ConfigError(f"{' and '.join(needs)} {'schedules' if len(needs) == 1 else 'schedule'} by a fraction of "
+                              f"trainer.max_epochs, which is {max_epochs} (a run bounded by "
+                              f"steps or time has no epoch count): set trainer.max_epochs, or "
+                              f"turn that schedule off (warmup_ratio=0, alpha_decay=constant)")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

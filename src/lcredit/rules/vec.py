@@ -44,7 +44,7 @@ class VEC(Estimator):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown)
-        check_range("method.M", M, 1)
+        check_range("method.M", M, 1, integer=True)
         check_range("method.eps", eps, 0.0, lo_open=True)
         check_choice("method.eps_scale", eps_scale, ("absolute", "relative"))
         check_range("method.terminal_weight", terminal_weight, 0.0)
@@ -74,8 +74,8 @@ class VEC(Estimator):
         return self.eps * h.flatten(1).norm(dim=1).clamp_min(1e-12)
 
     def field_loss(self, p: Pass, s, output, shuffle=None):
-        """Per layer, sum_u (<A, u> - delta_u)^2 relative to sum_u delta_u^2 (over the batch),
-        plus the terminal term ||A(h_L) - g_L||^2 relative to ||g_L||^2 (output-local).
+        """Per layer l = 0..L, sum_u (<A, u> - delta_u)^2 relative to sum_u delta_u^2 (over the
+        batch), plus the terminal term ||A(h_L) - g_L||^2 relative to ||g_L||^2 (output-local).
 
         (dim/M) sum_u (<A, u> - delta_u)^2 is an unbiased estimate of ||A - g||^2 up to the
         finite-difference error; taking it relative to the targets' own size keeps the field
@@ -85,7 +85,7 @@ class VEC(Estimator):
         gen = self.generator(p.states[0].device)
         depth = len(p.states) - 1
         total = 0.0
-        for l in range(depth):
+        for l in range(depth + 1):  # at l = L, Lfwd is the readout alone
             h = at_least_fp32(p.states[l].detach())
             u = unit_directions(self.M, h, gen)
             target = directional_targets(self.model, l, h, p.y, u, self.step(h),
@@ -98,5 +98,7 @@ class VEC(Estimator):
         if self.terminal_weight > 0:
             a_top = output(depth, p.states[-1].detach(), s)
             g = at_least_fp32(p.g_top)
+            if shuffle:  # the control gets no sample's own gradient anywhere, h_L included
+                g = g[torch.randperm(g.shape[0], generator=gen, device=g.device)]
             total = total + self.terminal_weight * relative_sq(a_top - g, g)
         return total
