@@ -102,6 +102,10 @@ def test_a_module_that_only_partly_fits_is_kept_fresh_whole(make_cfg, vec_blend_
 def test_init_from_a_different_model_is_a_clear_error(make_cfg, dfa_run):
     with pytest.raises(ConfigError, match="init_from"):
         train(make_cfg("method=vec", *SMALL, "model.d=48", f"init_from={dfa_run['checkpoint']}"))
+    for same_shapes in ("model.residual=false", "model.out_ln=false", "model.act=relu"):
+        key = same_shapes.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"init_from=.*{key}="):
+            train(make_cfg("method=vec", *SMALL, same_shapes, f"init_from={dfa_run['checkpoint']}"))
     with pytest.raises(ConfigError, match="init_from=nope.ckpt"):
         train(make_cfg("method=vec", *SMALL, "init_from=nope.ckpt"))
 
@@ -158,6 +162,33 @@ def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
     # the snapshot's rule is bp: its own credit is the oracle's, step for step
     assert rows[("own", "raw", 1e-2)]["same_batch_delta"] == pytest.approx(
         rows[("bp", "raw", 1e-2)]["same_batch_delta"], rel=1e-4)
+
+
+@pytest.mark.parametrize("tool,kwargs,needle", [
+    (exploit, {"batch_size": 10**6}, "batch_size=1000000: the task has"),
+    (exploit, {"batch_size": 0}, "batch_size=0"),
+    (exploit, {"step_sizes": []}, "step_sizes"),
+    (exploit, {"step_sizes": [0.1, -1.0]}, "step_sizes=-1.0"),
+    (exploit, {"fit_steps": -1}, "fit_steps=-1"),
+    (exploit, {"k": 1.5}, "k=1.5 must be a whole number"),
+    (probe, {"rules": []}, "rules=[]"),
+    (probe, {"steps": -5}, "steps=-5"),
+    (probe, {"batch_size": -3}, "batch_size=-3"),
+    (probe, {"rules": ["dfa"], "overrides": {"vecc": {"M": 8}}}, "overrides.vecc"),
+    (probe, {"rules": ["dfa"], "optim": "nope"}, "estimator_optim='nope'"),
+])
+def test_snapshot_tools_refuse_bad_options_by_name(bp_snapshot, tool, kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        tool(bp_snapshot["checkpoint"], **kwargs)
+    assert needle in str(err.value)
+
+
+def test_a_snapshot_result_never_overwrites_another(tmp_path):
+    from lcredit.cli import free_path
+    first = free_path(tmp_path, "probe")
+    first.write_text("{}")
+    second = free_path(tmp_path, "probe")
+    assert first.name == "probe.json" and second.name == "probe-2.json"
 
 
 def test_exploit_report_says_diverged_rather_than_nan():

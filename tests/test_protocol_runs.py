@@ -128,6 +128,10 @@ def test_frozen_baseline_auto_trains_once_and_is_reused(make_cfg):
     assert third["frozen_baseline"]["cached"] is False
     d = second["protocol"]["diagnostics"]["d"]
     assert d["value"] == pytest.approx(100 * (second["final"]["test_acc"] - fb["history_acc"][-1]))
+    # A branched run's baseline starts from its checkpoint: its own entry, never the plain one.
+    branched = train(make_cfg("method=dfa", *common, f"init_from={first['checkpoint']}", out="four"))
+    assert branched["frozen_baseline"]["cached"] is False
+    assert branched["frozen_baseline"]["source"] != fb["source"]
 
 
 def test_frozen_run_is_its_own_comparator(make_cfg):

@@ -43,6 +43,13 @@ def cache_key(cfg: DictConfig) -> str:
     node = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
             else cfg[k] for k in KEY_FIELDS if k in cfg}
     node["trainer"] = {k: cfg.trainer.get(k) for k in KEY_TRAINER}
+    # A branched run's frozen baseline starts from the same checkpoint (its blocks are the
+    # "initialisation"): that checkpoint, as it is now, is part of what the run is.
+    branch = cfg.get("init_from")
+    if branch is not None:
+        path = Path(str(branch)).resolve()
+        stat = path.stat() if path.is_file() else None
+        node["init_from"] = [str(path), stat and stat.st_size, stat and stat.st_mtime_ns]
     return hashlib.sha1(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

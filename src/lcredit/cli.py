@@ -21,22 +21,53 @@ def quote_path_overrides(argv=None) -> None:
             argv[i] = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def as_list(key: str, value) -> list:
+    """A list option given as a list, or as one bare value (``rules=sb``, ``step_sizes=0.1``)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    from lcredit.errors import ConfigError
+
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}={value!r} must be a non-empty list, e.g. {key}=[a,b]")
+    return value
+
+
+def free_path(out: Path, tool: str) -> Path:
+    """``<tool>.json`` in ``out``, or ``<tool>-2.json``, ... : a result never overwrites another."""
+    path, n = out / f"{tool}.json", 1
+    while path.exists():
+        n += 1
+        path = out / f"{tool}-{n}.json"
+    return path
+
+
 def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     """The shell of a tool that reads a checkpoint (probe, exploit): a bad input is one line
     and exit code 2; the result goes to ``<tool>.json`` and ``<tool>.md`` in ``cfg.out``, by
-    default the checkpoint's run directory."""
+    default the checkpoint's run directory (``<tool>-2.json``, ... where those exist)."""
+    from omegaconf import OmegaConf
+
     from lcredit.errors import ConfigError
     from lcredit.train import write_json
 
     try:
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
         result = compute()
     except ConfigError as err:
         print(f"lcredit.{tool}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{tool}.json", result)
+    path = free_path(out, tool)
+    write_json(path, result)
     text = to_markdown(result)
-    (out / f"{tool}.md").write_text(text)
+    path.with_suffix(".md").write_text(text)
     print(text)
-    print(f"{tool}: {out / f'{tool}.json'}")
+    print(f"{tool}: {path}")

@@ -15,10 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit.callbacks.protocol import evaluation_batches
-from lcredit.cli import quote_path_overrides, run_snapshot_tool
+from lcredit.cli import as_list, quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
-from lcredit.errors import ConfigError
+from lcredit.errors import ConfigError, check_range
 from lcredit.rules.estimator import Estimator
 from lcredit.train import CONF_DIR, build_rule
 
@@ -34,12 +34,19 @@ def method_config(name: str, overrides=None) -> DictConfig:
     return OmegaConf.merge(node, overrides or {})
 
 
-def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None):
-    """A fresh ``name`` rule wrapped around a copy of the snapshot's network (its own
-    feedback and estimator freshly initialised from the run's seed)."""
+def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None, optim=None):
+    """A fresh ``name`` rule wrapped around a copy of the snapshot's network, its feedback and
+    estimator initialised from the run's seed (so a dfa rule on a dfa snapshot has the
+    snapshot's own feedback). ``optim``: a conf/optim name for the estimator's optimizer
+    (None: the snapshot run's)."""
     run_cfg = copy.deepcopy(cfg)
     with open_dict(run_cfg):
         run_cfg.method = method_config(name, overrides)
+        if optim is not None:
+            path = Path(CONF_DIR) / "optim" / f"{optim}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"estimator_optim={optim!r}: no conf/optim/{optim}.yaml")
+            run_cfg.optim = OmegaConf.load(path)
     torch.manual_seed(int(cfg.seed))
     rule = build_rule(run_cfg, task)
     rule.model.load_state_dict(snapshot.model.state_dict())
@@ -59,6 +66,9 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
     opt = rule.configure_optimizers()
     losses, done = [], 0
     while done < steps:
+        if len(batches) == 0:
+            raise ConfigError(f"batch_size={batches.batch_size}: no batch to fit on in the "
+                              f"{len(batches.x)} training samples")
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
             before = rule._aux_sums[0].item()
@@ -76,9 +86,17 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
 
 
 def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None,
-          batch_size=None, data_root=None) -> dict:
+          batch_size=None, data_root=None, optim="adam") -> dict:
     from lcredit.audit import load_checkpoint, restore
 
+    rules = as_list("rules", rules)
+    check_range("steps", steps, 0, integer=True)
+    if batch_size is not None:
+        check_range("batch_size", batch_size, 1, integer=True)
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(rules))
+    if unknown:
+        raise ConfigError(f"overrides.{unknown[0]}: {unknown[0]!r} is not among rules={rules}")
     ckpt = load_checkpoint(ckpt_path)
     snapshot, task, cfg = restore(ckpt, data_root)
     p = cfg.protocol
@@ -88,9 +106,10 @@ def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None
     reference = {k: v.clone() for k, v in snapshot.model.state_dict().items()}
     out = {"snapshot": str(ckpt_path), "snapshot_rule": snapshot.name,
            "snapshot_epoch": (snapshot.history[-1]["epoch"] if snapshot.history else 0),
-           "task": task.name, "steps": int(steps), "rules": {}}
+           "task": task.name, "steps": int(steps), "batch_size": bs,
+           "optim": optim or "the snapshot run's", "overrides": overrides, "rules": {}}
     for name in rules:
-        rule = rule_on_snapshot(snapshot, cfg, task, name, (overrides or {}).get(name))
+        rule = rule_on_snapshot(snapshot, cfg, task, name, overrides.get(name), optim)
         batches = DeviceBatches(task.x_train, task.y_train, bs, shuffle=True, seed=int(cfg.seed))
         loss = fit_estimator(rule, batches, int(steps))
         for k, v in rule.model.state_dict().items():
@@ -128,9 +147,9 @@ def to_markdown(result: dict, metrics=("gamma", "rho", "nudge")) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
-    run_snapshot_tool("probe", cfg, lambda: probe(cfg.ckpt, list(cfg.rules), int(cfg.steps),
+    run_snapshot_tool("probe", cfg, lambda: probe(cfg.ckpt, as_list("rules", cfg.rules), cfg.steps,
                            OmegaConf.to_container(cfg.overrides, resolve=True), cfg.batch_size,
-                           cfg.data_root), to_markdown)
+                           cfg.data_root, cfg.estimator_optim), to_markdown)
 
 
 if __name__ == "__main__":

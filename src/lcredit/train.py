@@ -130,6 +130,16 @@ def branch_from(rule, path) -> dict | None:
         state = ckpt["state_dict"]
     except Exception as err:  # noqa: BLE001 — any unreadable file gets the same clear message
         raise ConfigError(f"init_from={path}: not a readable Lightning checkpoint ({err})") from None
+    # Same shapes are not the same network (residual, act, out_ln change what the weights do).
+    theirs = (((ckpt.get("lcredit") or {}).get("config")) or {}).get("model")
+    ours = (getattr(rule, "run_config", None) or {}).get("model")
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if diff:
+            shown = ", ".join(f"model.{k}={theirs.get(k)!r} there, {ours.get(k)!r} here"
+                              for k in diff[:3])
+            raise ConfigError(f"init_from={path}: its model differs ({shown}); branch with the "
+                              f"same model settings")
     own = rule.state_dict()
     model_keys = [k for k in own if k.startswith("model.")]
     bad = [k for k in model_keys if k not in state or state[k].shape != own[k].shape]
