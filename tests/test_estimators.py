@@ -9,7 +9,8 @@ from conftest import TINY_LADDER, GivenCredit, assert_resume_exact
 from lcredit.models import ResMLP
 from lcredit.rules import CB, DFA, SB, VEC, Blend
 from lcredit.rules.blend import SOURCES
-from lcredit.rules.vec import directional_targets, unit_directions
+from lcredit.rules.estimator import unit_directions
+from lcredit.rules.vec import directional_targets
 from lcredit.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,7 +185,7 @@ def test_blend_at_alpha_0_is_dfa_and_at_1_the_aux_source(source):
 
     one = Blend(make_model(), SHAPE, C, source=source, alpha=1.0, width=32).double()
     p = rule_pass(one, x, y)
-    aux = [one.aux_credit(l, p) for l in range(len(p.states))]
+    aux = [one.learned_credit(l, p) for l in range(len(p.states))]
     if source == "dfa_norm_matched":  # DFA's direction at the vec field's norm
         aux = [one.dfa_credit(l, p) * (a.norm(dim=1) / one.dfa_credit(l, p).norm(dim=1))[:, None]
                for l, a in enumerate(aux)]
@@ -211,7 +212,7 @@ def test_blend_has_no_jump_at_either_end(credit_norm):
     rule = Blend(make_model(), SHAPE, C, alpha=0.5, width=32, credit_norm=credit_norm).double()
     p = rule_pass(rule, x, y)
     for l in range(len(p.states)):
-        a, d = rule.aux_credit(l, p), rule.dfa_credit(l, p)
+        a, d = rule.learned_credit(l, p), rule.dfa_credit(l, p)
         assert a.pow(2).mean().sqrt() / d.pow(2).mean().sqrt() > 2 or credit_norm == "none"
         for end, near, ref in ((1.0, 1 - 1e-9, a), (0.0, 1e-9, d)):
             torch.testing.assert_close(rule.blend(end, a, d), ref, rtol=0, atol=0)

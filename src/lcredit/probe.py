@@ -22,16 +22,18 @@ from lcredit.errors import ConfigError, check_range
 from lcredit.rules.estimator import Estimator
 from lcredit.train import CONF_DIR, build_rule
 
-METHOD_DIR = Path(CONF_DIR) / "method"
+def group_config(group: str, name: str, what: str) -> DictConfig:
+    """conf/<group>/<name>.yaml, or a ConfigError naming ``what`` and the known choices."""
+    folder = Path(CONF_DIR) / group
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"{what}: no conf/{group}/{name}.yaml (known: {known})")
+    return OmegaConf.load(path)
 
 
 def method_config(name: str, overrides=None) -> DictConfig:
-    path = METHOD_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in METHOD_DIR.glob("*.yaml")))
-        raise ConfigError(f"rule {name!r}: no conf/method/{name}.yaml (known: {known})")
-    node = OmegaConf.load(path)
-    return OmegaConf.merge(node, overrides or {})
+    return OmegaConf.merge(group_config("method", name, f"rule {name!r}"), overrides or {})
 
 
 def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None, optim=None):
@@ -43,10 +45,7 @@ def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None,
     with open_dict(run_cfg):
         run_cfg.method = method_config(name, overrides)
         if optim is not None:
-            path = Path(CONF_DIR) / "optim" / f"{optim}.yaml"
-            if not path.is_file():
-                raise ConfigError(f"estimator_optim={optim!r}: no conf/optim/{optim}.yaml")
-            run_cfg.optim = OmegaConf.load(path)
+            run_cfg.optim = group_config("optim", optim, f"estimator_optim={optim!r}")
     torch.manual_seed(int(cfg.seed))
     rule = build_rule(run_cfg, task)
     rule.model.load_state_dict(snapshot.model.state_dict())
@@ -66,21 +65,19 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
     opt = rule.configure_optimizers()
     losses, done = [], 0
     while done < steps:
-        if len(batches) == 0:
-            raise ConfigError(f"batch_size={batches.batch_size}: no batch to fit on in the "
-                              f"{len(batches.x)} training samples")
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
-            before = rule._aux_sums[0].item()
+            before = rule._aux_sums[0].clone()  # on device: no host sync per step
             rule.compute_gradients(x, y)
             opt.step()
-            losses.append(rule._aux_sums[0].item() - before)
+            losses.append(rule._aux_sums[0] - before)
             done += 1
             if done == steps:
                 break
         batches.sampler.set_epoch(batches.sampler.epoch + 1)
     del rule.updates_model
     rule.model.train(was_training)
+    losses = torch.stack(losses).tolist()
     k = max(1, steps // 10)
     return [sum(losses[:k]) / k, sum(losses[-k:]) / k]
 
@@ -147,7 +144,7 @@ def to_markdown(result: dict, metrics=("gamma", "rho", "nudge")) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="probe")
 def main(cfg: DictConfig) -> None:
-    run_snapshot_tool("probe", cfg, lambda: probe(cfg.ckpt, as_list("rules", cfg.rules), cfg.steps,
+    run_snapshot_tool("probe", cfg, lambda: probe(cfg.ckpt, cfg.rules, cfg.steps,
                            OmegaConf.to_container(cfg.overrides, resolve=True), cfg.batch_size,
                            cfg.data_root, cfg.estimator_optim), to_markdown)
 

@@ -141,11 +141,6 @@ def branch_from(rule, path) -> dict | None:
             raise ConfigError(f"init_from={path}: its model differs ({shown}); branch with the "
                               f"same model settings")
     own = rule.state_dict()
-    model_keys = [k for k in own if k.startswith("model.")]
-    bad = [k for k in model_keys if k not in state or state[k].shape != own[k].shape]
-    if bad:
-        raise ConfigError(f"init_from={path}: its network does not match this model "
-                          f"(e.g. {bad[0]}); branch with the same model settings")
     # Module by module, all or nothing: half a value network (its trunk from the checkpoint,
     # a conditioning layer of another shape fresh) would be neither trained nor fresh.
     fresh = tuple(getattr(rule, "fresh_on_branch", ()))
@@ -158,7 +153,10 @@ def branch_from(rule, path) -> dict | None:
         odd = next((k for k in keys if k not in state or state[k].shape != own[k].shape), None)
         if odd is None:
             taken += keys
-        elif name != "model":
+        elif name == "model":
+            raise ConfigError(f"init_from={path}: its network does not match this model "
+                              f"(e.g. {odd}); branch with the same model settings")
+        else:
             skipped[name] = f"{odd}: {'absent' if odd not in state else 'other shape'}"
     rule.load_state_dict({k: state[k] for k in taken}, strict=False)
     src = ckpt.get("lcredit", {})

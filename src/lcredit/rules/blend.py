@@ -28,7 +28,7 @@ from torch import nn
 
 from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.rules.base import Pass, at_least_fp32
-from lcredit.rules.estimator import per_sample_sq, rms_normalise
+from lcredit.rules.estimator import credit_rms, per_sample_sq
 from lcredit.rules.vec import VEC
 
 SOURCES = ("vec", "random_trainable", "shuffled_trainable", "fresh_random_target",
@@ -122,17 +122,6 @@ class Blend(VEC):
                                device=h.device, dtype=at_least_fp32(h).dtype)
         return self.field_output(l, h.detach(), self.condition(p))
 
-    def aux_credit(self, l: int, p: Pass) -> torch.Tensor:
-        """The aux source's a_l as its own rule would give it: the same field through the same
-        credit_norm (for dfa_norm_matched, the vec field's)."""
-        return self.learned_credit(l, p)
-
-    def _rms(self, t: torch.Tensor) -> torch.Tensor:
-        """The scale credit_norm measures: over the batch, or per sample (``sample``)."""
-        if self.credit_norm == "sample":
-            return per_sample_sq(t).div(t[0].numel()).sqrt().view(-1, *([1] * (t.ndim - 1)))
-        return t.pow(2).mean().sqrt()
-
     def blend(self, alpha: float, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """alpha * a + (1 - alpha) * d; with credit_norm the two are mixed at one scale (each
         divided by its RMS) and the result carries the interpolated RMS, so alpha is the share
@@ -143,7 +132,8 @@ class Blend(VEC):
             return d
         if self.credit_norm is None:
             return alpha * a + (1 - alpha) * d
-        ra, rd = self._rms(a), self._rms(d)
+        per_sample = self.credit_norm == "sample"
+        ra, rd = credit_rms(a, per_sample), credit_rms(d, per_sample)
         tiny = torch.finfo(d.dtype).tiny
         mixed = alpha * a / ra.clamp_min(tiny) + (1 - alpha) * d / rd.clamp_min(tiny)
         return mixed * (alpha * ra + (1 - alpha) * rd)
@@ -153,7 +143,8 @@ class Blend(VEC):
         alpha = self.current_alpha()
         if not self.uses_estimator(l) or alpha == 0:
             return d
-        b = self.blend(alpha, self.aux_credit(l, p).to(d.dtype), d)
+        # the aux source's a_l as its own rule gives it (for dfa_norm_matched, the vec field's)
+        b = self.blend(alpha, self.learned_credit(l, p).to(d.dtype), d)
         if self.source != "dfa_norm_matched":
             return b
         # the vec blend's norm per sample, DFA's direction

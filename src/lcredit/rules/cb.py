@@ -4,7 +4,8 @@ import torch
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import CreditNet, Estimator, per_sample_sq, relative_sq
+from lcredit.rules.estimator import (CreditNet, Estimator, credit_rms, per_sample_sq, relative_sq,
+                                     unit_directions)
 
 
 class CB(Estimator):
@@ -71,9 +72,7 @@ class CB(Estimator):
                     noise = torch.randn((self.K, *here.shape), generator=gen, device=here.device,
                                         dtype=here.dtype)
                     moved = (here[None] + self.noise_scale(here) * noise).flatten(0, 1)
-                    with preserved_buffers(self.model):
-                        nxt = at_least_fp32(self.model.blocks[l](moved.to(p.states[l].dtype)))
-                    target = self.value(nxt, l + 1, cond)
+                    target = self.value(self.through_block(l, moved, p), l + 1, cond)
             if self.bridge_noise == "target":
                 v = self.value(here, l, s)
             else:
@@ -95,26 +94,28 @@ class CB(Estimator):
         cond = None if s is None else s.repeat(2 * self.K, 1)
         for l in range(len(p.states) - 1):
             here = at_least_fp32(p.states[l].detach())
-            xi = torch.randn((self.K, *here.shape), generator=gen, device=here.device,
-                             dtype=here.dtype)
-            xi = xi / xi.flatten(2).norm(dim=2).view(self.K, -1, *([1] * (here.ndim - 1)))
+            xi = unit_directions(self.K, here, gen)
             step = self.noise_scale(here) * here[0].numel() ** 0.5 * xi
             pair = torch.cat([here[None] + step, here[None] - step]).flatten(0, 1)
-            with torch.no_grad(), preserved_buffers(self.model):
-                nxt = at_least_fp32(self.model.blocks[l](pair.to(p.states[l].dtype)))
-                up = self.value(nxt, l + 1, cond).view(2, self.K, -1)
+            with torch.no_grad():
+                up = self.value(self.through_block(l, pair, p), l + 1, cond).view(2, self.K, -1)
                 target = up[0] - up[1]
             v = self.value(pair, l, cond).view(2, self.K, -1)
             total = total + relative_sq((v[0] - v[1]) - target, target)
         return total
+
+    def through_block(self, l: int, h: torch.Tensor, p: Pass) -> torch.Tensor:
+        """Block l applied to (perturbed) states ``h``, forward only, BatchNorm statistics
+        untouched; in the pass's dtype in, at least float32 out."""
+        with torch.no_grad(), preserved_buffers(self.model):
+            return at_least_fp32(self.model.blocks[l](h.to(p.states[l].dtype)))
 
     def noise_scale(self, h):
         """sigma, or (relative) sigma times the per-sample RMS of h: a fixed absolute noise
         vanishes against a residual stream that has grown a hundredfold."""
         if self.sigma_scale == "absolute":
             return self.sigma
-        rms = h.flatten(1).pow(2).mean(1).sqrt()
-        return self.sigma * rms.view(1, -1, *([1] * (h.ndim - 1)))
+        return self.sigma * credit_rms(h, per_sample=True)
 
     def terminal_gradient_error(self, p: Pass) -> torch.Tensor:
         """Mean ||dV/dh(h_L) - g_L||^2 / ||g_L||^2: how well V's gradient matches at the top."""

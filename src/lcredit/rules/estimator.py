@@ -29,6 +29,13 @@ S_TYPES = ("none", "eT", "deltaL", "eT_hL", "deltaL_hL")
 CREDIT_NORMS = {True: "batch", False: None, "batch": "batch", "sample": "sample", "none": None}
 
 
+def credit_rms(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """The RMS of ``a`` over the whole tensor, or per sample (shaped to broadcast against a)."""
+    if per_sample:
+        return a.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (a.ndim - 1)))
+    return a.pow(2).mean().sqrt()
+
+
 def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """credit_norm: a / (RMS(a) + 1e-6), the RMS over the layer's whole credit tensor (default)
     or over each sample's own (``credit_norm: sample``).
@@ -37,10 +44,7 @@ def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     gradient) the same push as a misclassified one; on the ladder it lets the residual stream
     grow by orders of magnitude even under a well-aligned credit field (scripts/ladder_credit.py
     measures both), so the batch RMS is the default."""
-    if per_sample:
-        rms = a.flatten(1).pow(2).mean(1).sqrt()
-        return a / (rms + 1e-6).view(-1, *([1] * (a.ndim - 1)))
-    return a / (a.pow(2).mean().sqrt() + 1e-6)
+    return a / (credit_rms(a, per_sample) + 1e-6)
 
 
 class CreditNet(nn.Module):
@@ -309,6 +313,12 @@ class Estimator(DFA):
 
 def per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).pow(2).sum(1)
+
+
+def unit_directions(m, h, generator) -> torch.Tensor:
+    """``m`` random directions of unit norm per sample of ``h``: shape (m, *h.shape)."""
+    u = torch.randn((m, *h.shape), generator=generator, device=h.device, dtype=h.dtype)
+    return u / u.flatten(2).norm(dim=2).view(m, h.shape[0], *([1] * (h.ndim - 1)))
 
 
 def relative_sq(err: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import CreditNet, Estimator, relative_sq
+from lcredit.rules.estimator import CreditNet, Estimator, relative_sq, unit_directions
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
@@ -26,11 +26,6 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
             return (plus - lfwd(h, y)[None]) / eps
         minus = lfwd((h[None] - step * u).flatten(0, 1), ys).view(m, n)
         return (plus - minus) / (2 * eps)
-
-
-def unit_directions(m, h, generator) -> torch.Tensor:
-    u = torch.randn((m, *h.shape), generator=generator, device=h.device, dtype=h.dtype)
-    return u / u.flatten(2).norm(dim=2).view(m, h.shape[0], *([1] * (h.ndim - 1)))
 
 
 class VEC(Estimator):
