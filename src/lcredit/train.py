@@ -30,7 +30,7 @@ from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_
 from lcredit.diagnostics import Report
 from lcredit.diagnostics.protocol import finite
 from lcredit.cli import quote_path_overrides
-from lcredit.errors import ConfigError
+from lcredit.errors import ConfigError, check_range
 
 log = logging.getLogger("lcredit")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -113,6 +113,10 @@ def build_rule(cfg: DictConfig, task):
     rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
                               num_classes=task.num_classes, optimizer=optimizer)
     rule.loss_kind, rule.costate = task.loss, task.costate
+    clip = cfg.get("block_grad_clip")
+    if clip is not None:
+        check_range("block_grad_clip", clip, 0.0, lo_open=True)
+        rule.block_grad_clip = float(clip)
     return rule
 
 
@@ -251,6 +255,9 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     results = {
         "status": status,
         "rule": rule.name,
+        # The original study's form of the rule, or the lcredit switches that depart from it.
+        "form": rule.form(),
+        "block_grad_clip": rule.block_grad_clip,
         "task": task.name,
         "task_notes": list(task.notes),
         "seed": int(cfg.seed),

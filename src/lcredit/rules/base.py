@@ -27,7 +27,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lcredit.errors import check_range
-from lcredit.models.base import BlockModel, block_branch, exact_credit, hidden_states, run_blocks
+from lcredit.models.base import (BlockModel, block_branch, exact_credit, hidden_states,
+                                 preserved_buffers, run_blocks)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,9 @@ class Rule(L.LightningModule):
     # The protocol's stability check (c) runs the update on a copy: it needs the block update
     # directions only, not a step of the rule's own estimator.
     aux_training = True
+    # option -> its value in the original study's form (SPEC §3 Fidelity), for the options
+    # where lcredit offers a switch of its own; ``form()`` says which of them a rule departs from.
+    ORIGINAL: dict = {}
 
     def __init__(self, model: BlockModel, input_shape, num_classes: int, optimizer=None,
                  penalty_lam: float = 0.0):
@@ -123,6 +127,9 @@ class Rule(L.LightningModule):
         self.loss_kind = "ce"   # set from the task by train.build_rule
         self.costate = None     # the task's exact adjoint, when it has one (diagnostics)
         self.log_every = 50
+        # Clip each block's gradient norm before the step (null: no clip). The original ladder
+        # study clipped its student's block updates; its clip norm is not recorded.
+        self.block_grad_clip: float | None = None
         self._epoch_t0 = None
         self._train_time = None
 
@@ -134,6 +141,21 @@ class Rule(L.LightningModule):
     def layer_credit(self, l: int, p: Pass, vjp: torch.Tensor | None) -> torch.Tensor:
         """a_l for l < L, called top-down (``p.credits[l+1]`` is set)."""
         raise NotImplementedError
+
+    def form(self) -> dict:
+        """Which form of the rule runs: ``original`` when every option with an lcredit switch
+        has its original value (SPEC §3 Fidelity), else the switches that depart from it."""
+        # an option whose attribute name is taken by a module (vec's ``field``) is ``<name>_form``
+        value = {k: getattr(self, f"{k}_form", None) or getattr(self, k) for k in self.ORIGINAL}
+        departures = {k: value[k] for k, v in self.ORIGINAL.items() if value[k] != v}
+        return {"original": not departures, "departures": departures,
+                "original_values": dict(self.ORIGINAL)}
+
+    def update_points(self, p: Pass):
+        """Where the block-local update evaluates the blocks: None for the forward pass's own
+        states (every rule but ep), else ``[(weight, states h_0..h_{L-1}, credits a_0..a_L)]``
+        and block l's parameter gradient is sum_w w <f_l(states_l), a_{l+1}> / B."""
+        return None
 
     def updates_model(self) -> bool:
         """False while a rule trains only its auxiliary state (prefit / refit phases)."""
@@ -211,11 +233,21 @@ class Rule(L.LightningModule):
         else:
             for l in reversed(range(depth)):
                 p.credits[l] = self.layer_credit(l, p, None)
-            if train_blocks:
+            points = self.update_points(p) if train_blocks else None
+            if train_blocks and points is None:
                 params = [q for b in blocks for q in trainable(b)]
                 torch.autograd.backward(
                     outs, [(p.credits[l + 1] / n).to(outs[l].dtype) for l in range(depth)],
                     inputs=params, retain_graph=penalise)
+            elif train_blocks:
+                params = [q for b in blocks for q in trainable(b)]
+                # The blocks again, at the rule's own states (BatchNorm statistics untouched).
+                with preserved_buffers(model):
+                    for weight, states, credits in points:
+                        at = [b(states[l].detach().to(outs[l].dtype)) for l, b in enumerate(blocks)]
+                        torch.autograd.backward(
+                            at, [(weight * credits[l + 1] / n).to(at[l].dtype)
+                                 for l in range(depth)], inputs=params)
         if train_model:
             torch.autograd.backward(h0, (p.credits[0] / n).to(h0.dtype),
                                     inputs=trainable(model.embed))
@@ -270,6 +302,9 @@ class Rule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         loss, logits = self.compute_gradients(x, y)
+        if self.block_grad_clip is not None:
+            for block in self.model.blocks:
+                nn.utils.clip_grad_norm_(trainable(block), self.block_grad_clip)
         opt.step()
         sums = self._train_sums
         sums[0] += loss.detach() * len(y)

@@ -7,17 +7,20 @@ Sources (``source``):
 - ``random_trainable``: the same network from a random init (never branched), same objective;
 - ``shuffled_trainable``: trained on targets shuffled across samples;
 - ``fresh_random_target``: trained toward new Gaussian targets every step;
-- ``zero_target``: trained toward zero;
+- ``zero_target``: trained toward zero, and taken as it is (~0; ``zero_target_renorm: true``
+  puts it through credit_norm like every other source);
 - ``time_only``: the network sees the layer index only;
-- ``constant_input``: the network sees one constant input (for every sample and layer);
+- ``constant_input``: the network sees one constant input and no layer index: one shared
+  output for every sample and layer;
 - ``perlayer_vector``: one trainable vector per layer, on the vec objective;
 - ``gaussian_noise``: fresh Gaussian noise, nothing trained;
 - ``frozen_random``: the network at its random init, never trained;
 - ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
 
-The aux credit is what its own rule would give (the field through ``credit_norm``). With
-``credit_norm`` the two credits are mixed at one scale (each over its RMS, over the batch or per
-sample) and the mixture carries the alpha-interpolated RMS, so alpha is the share of direction;
+The aux credit is what its own rule would give (the field through ``credit_norm``), and the
+blend is SPEC's ``alpha * a_aux + (1 - alpha) * a_dfa`` (``mix: plain``). ``mix: one_scale``
+(lcredit's switch) mixes the two at one scale (each over its RMS, over the batch or per sample)
+and gives the mixture the alpha-interpolated RMS, so alpha is the share of direction. Either way
 alpha = 0 is DFA exactly and alpha = 1 the aux source exactly (for ``vec``: the vec rule's credit).
 Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
@@ -48,19 +51,25 @@ class PerLayerVector(nn.Module):
 
 class Blend(VEC):
     name = "blend"
+    ORIGINAL = VEC.ORIGINAL | {"mix": "plain", "zero_target_renorm": False}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 M=4, eps=1e-3, eps_scale="relative", one_sided=False, terminal_weight=1.0,
-                 shuffle_targets=False, source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
-                 freeze_after=None, decay_to=None, decay_epochs=0):
+                 hL_dim=32, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
+                 terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
+                 field="concat", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
+                 freeze_after=None, decay_to=None, decay_epochs=0, mix="plain",
+                 zero_target_renorm=False):
         check_choice("method.source", source, SOURCES)
         self.source = source
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, M, eps, eps_scale, one_sided,
-                         terminal_weight, shuffle_targets)
+                         periodic_refit, topdown, hL_dim, M, eps, eps_scale, one_sided,
+                         terminal_weight, shuffle_targets, loss_scale, field)
+        check_choice("method.mix", mix, ("plain", "one_scale"))
+        check_choice("method.zero_target_renorm", zero_target_renorm, (True, False))
+        self.mix, self.zero_target_renorm = mix, bool(zero_target_renorm)
         check_range("method.alpha", alpha, 0.0, 1.0)
         check_choice("method.alpha_decay", alpha_decay, ("constant", "linear"))
         check_range("method.alpha_end", alpha_end, 0.0, 1.0)
@@ -122,15 +131,24 @@ class Blend(VEC):
                                device=h.device, dtype=at_least_fp32(h).dtype)
         return self.field_output(l, h.detach(), self.condition(p))
 
+    def learned_credit(self, l: int, p: Pass) -> torch.Tensor:
+        if self.source == "zero_target" and not self.zero_target_renorm:
+            # The original control: the field trained toward zero, taken as it is (~0), not
+            # blown back up to unit RMS by credit_norm (which would make it a random direction).
+            with torch.enable_grad():
+                return self.estimator_credit(l, p).detach()
+        return super().learned_credit(l, p)
+
     def blend(self, alpha: float, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """alpha * a + (1 - alpha) * d; with credit_norm the two are mixed at one scale (each
-        divided by its RMS) and the result carries the interpolated RMS, so alpha is the share
-        of direction, and alpha = 1 is ``a`` and alpha = 0 is ``d`` exactly."""
+        """alpha * a + (1 - alpha) * d (``mix: plain``, SPEC's). ``mix: one_scale`` (lcredit's)
+        mixes the two at one scale (each divided by its RMS, over the batch or per sample as
+        credit_norm says) and gives the result the interpolated RMS, so alpha is the share of
+        direction. Either way alpha = 1 is ``a`` and alpha = 0 is ``d`` exactly."""
         if alpha == 1:
             return a
         if alpha == 0:
             return d
-        if self.credit_norm is None:
+        if self.mix == "plain" or self.credit_norm is None:
             return alpha * a + (1 - alpha) * d
         per_sample = self.credit_norm == "sample"
         ra, rd = credit_rms(a, per_sample), credit_rms(d, per_sample)

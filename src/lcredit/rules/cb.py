@@ -4,32 +4,45 @@ import torch
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import (CreditNet, Estimator, credit_rms, per_sample_sq, relative_sq,
-                                     unit_directions)
+from lcredit.rules.estimator import (FIELDS, SCALES, CreditNet, Estimator, credit_rms, per_sample_sq,
+                                     relative_sq, unit_directions)
 
 
 class CB(Estimator):
+    """Defaults are SPEC's literal bridge (the original study's form): targets at h_{l+1}
+    plus noise of absolute std sigma, no slope term, unscaled terminal terms, a plain
+    concatenation MLP for V. lcredit's switches, each measured in the README's ladder table:
+    ``bridge_noise: input`` (perturb h_l and map it through block l), ``bridge_slope`` > 0
+    (the bridge in differences), ``sigma_scale: relative``, ``terminal_scale: relative``,
+    ``field: gated``, ``credit_norm: batch``; ``method=cb_relative`` sets them all."""
+
     name = "cb"
     default_warmup = 0.2
+    ORIGINAL = Estimator.ORIGINAL | {"bridge_noise": "target", "bridge_slope": 0.0,
+                                     "sigma_scale": "absolute", "terminal_scale": "absolute",
+                                     "field": "concat"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 tgw=1.0, K=4, sigma=0.05, sigma_scale="relative", bridge_noise="input",
-                 bridge_slope=1.0):
+                 hL_dim=32, tgw=1.0, K=4, sigma=0.05, sigma_scale="absolute",
+                 bridge_noise="target", bridge_slope=0.0, terminal_scale="absolute",
+                 field="concat"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown)
+                         periodic_refit, topdown, hL_dim)
         check_range("method.tgw", tgw, 0.0)
         check_range("method.K", K, 1, integer=True)
         check_range("method.sigma", sigma, 0.0)
-        check_choice("method.sigma_scale", sigma_scale, ("absolute", "relative"))
+        check_choice("method.sigma_scale", sigma_scale, SCALES)
         check_choice("method.bridge_noise", bridge_noise, ("input", "target"))
         check_range("method.bridge_slope", bridge_slope, 0.0)
+        check_choice("method.terminal_scale", terminal_scale, SCALES)
+        check_choice("method.field", field, FIELDS)
         self.sigma_scale, self.bridge_noise = sigma_scale, bridge_noise
-        self.bridge_slope = float(bridge_slope)
-        self.tgw, self.K, self.sigma = float(tgw), int(K), float(sigma)
-        self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar")
+        self.bridge_slope, self.terminal_scale = float(bridge_slope), terminal_scale
+        self.tgw, self.K, self.sigma, self.field_form = float(tgw), int(K), float(sigma), field
+        self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar", form=field)
 
     def value_and_grad(self, l, h, s, create_graph=False):
         """V(h, l, s) per sample and dV/dh (the credit)."""
@@ -52,10 +65,12 @@ class CB(Estimator):
         depth = len(p.states) - 1
         target_value = self.per_sample_loss(p.logits, p.y).detach()
         v_top, dv_top = self.value_and_grad(depth, p.states[-1], s, create_graph=self.tgw > 0)
-        out = {"terminal_value": (v_top - target_value).pow(2).mean(),
-               # Output-local: g_L is the exact gradient at h_L, no hidden backprop. Relative
-               # to ||g_L||^2, so it still counts when g_L shrinks by orders of magnitude.
-               "terminal_grad": relative_sq(dv_top - at_least_fp32(p.g_top), p.g_top)}
+        g_top = at_least_fp32(p.g_top)
+        # Output-local: g_L is the exact gradient at h_L, no hidden backprop. ``relative``: over
+        # ||g_L||^2, so it still counts when g_L shrinks by orders of magnitude.
+        grad_err = (relative_sq(dv_top - g_top, g_top) if self.terminal_scale == "relative"
+                    else per_sample_sq(dv_top - g_top).mean())
+        out = {"terminal_value": (v_top - target_value).pow(2).mean(), "terminal_grad": grad_err}
         gen = self.generator(p.states[0].device)
         bridge = 0.0
         for l in range(depth):

@@ -13,10 +13,18 @@ credit is the nudged prediction error per unit nudge,
 
 which at the nudged equilibrium obeys ``a_L = dC/ds_L`` and ``a_l = J_l^T a_{l+1}``: backprop's
 chain, with the Jacobians taken at ``s^beta`` instead of ``s^0`` — so ``a_l`` tends to the
-exact per-sample gradient as beta -> 0. The blocks then learn through the shared block-local
-update ``<f_l(sg h_l), sg a_{l+1}>``, which is SPEC's ``(1/beta) dE/dtheta`` at ``s^beta``
-except that ``dF_l/dtheta`` is taken at the free state ``h_l = s_l^0``: an O(beta) difference,
-of the same order as the credit's own bias.
+exact per-sample gradient as beta -> 0. Parameters follow Scellier & Bengio's
+``(1/beta) dE/dtheta`` at ``s^beta`` (``update_at: nudged``, the default): for block l that is
+the shared block-local update with the block evaluated at the nudged state,
+``<F_l(sg s_l^beta), sg a_{l+1}>`` (with ``symmetric``, the mean of the two phases').
+``update_at: free`` (lcredit's switch) takes ``dF_l/dtheta`` at the free state ``h_l = s_l^0``
+instead, the forward pass every other rule uses: an O(beta) difference, of the order of the
+credit's own bias, for one forward pass per block less.
+
+``credit: displacement`` is the original study's variant: the raw state displacement
+``a_l = -(s_l^beta - s_l^0) / beta`` (sign chosen so that following -a descends) as the credit.
+For this energy it is not backprop's chain (it adds up the errors of all layers below), but it
+is what EP papers that use the displacement, and the studies reproducing the original, measure.
 
 Relaxation (``relax``):
 
@@ -66,13 +74,23 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.pow(2).sum().div(t.shape[0]).sqrt()
 
 
+CREDITS = ("prediction_error", "displacement")
+UPDATE_POINTS = ("nudged", "free")
+
+
 class EP(Rule):
     name = "ep"
+    ORIGINAL = {"update_at": "nudged"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  beta: float = 0.01, T: int = 30, eta: float = 0.1, symmetric: bool = False,
-                 relax: str = "sweep", tol: float = 1e-2):
+                 relax: str = "sweep", tol: float = 1e-2, credit: str = "prediction_error",
+                 update_at: str = "nudged"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
+        check_choice("method.credit", credit, CREDITS)
+        check_choice("method.update_at", update_at, UPDATE_POINTS)
+        self.credit_kind, self.update_at = credit, update_at
+        self._points = None  # (pass, update points) from the last relaxation
         check_range("method.beta", beta, 0.0, lo_open=True)
         check_range("method.T", T, 1, integer=True)
         check_range("method.eta", eta, 0.0, lo_open=True)
@@ -109,6 +127,12 @@ class EP(Rule):
             self._pending = None
         return credits[l]
 
+    def update_points(self, p: Pass):
+        points, self._points = self._points, None
+        if points is None or points[0] is not p:
+            return None
+        return points[1]
+
     # ---------------------------------------------------------------- the relaxation
     def relaxation(self, p: Pass) -> list[torch.Tensor]:
         """Credits a_0..a_L from the nudged phase(s) started at the free state ``p.states``;
@@ -120,9 +144,14 @@ class EP(Rule):
                       for b in ((self.beta, -self.beta) if self.symmetric else (self.beta,))]
         # -(s^beta - s^-beta) / 2 beta is the mean of the two phases' -(s - s^0) / (+-beta).
         n = len(phases)
-        credits = [sum(ph["credits"][l] for ph in phases) / n for l in range(len(free))]
+        key = "displacement" if self.credit_kind == "displacement" else "credits"
+        credits = [sum(ph[key][l] for ph in phases) / n for l in range(len(free))]
         displacement = [sum(ph["displacement"][l] for ph in phases) / n
                         for l in range(len(free))]
+        # (1/beta) dE/dtheta at s^beta is <F_l(s_l^beta), a_{l+1}> per block; symmetric: the
+        # mean of the two phases' (their 1/(2 beta) (dE/dtheta(s^beta) - dE/dtheta(s^-beta))).
+        self._points = (p, [(1.0 / n, ph["states"], ph[key]) for ph in phases]
+                        if self.update_at == "nudged" else None)
         self.last_relaxation = {
             "residual": torch.stack([ph["residual"] for ph in phases]).max(),
             "steps": max(ph["steps"] for ph in phases),
@@ -136,7 +165,7 @@ class EP(Rule):
         relax = self._gd if self.relax == "gd" else self._sweep
         s, steps = relax(free, anchor, y, beta)
         grads, errors, dc = self._energy_grad(s, anchor, y, beta)
-        return {"credits": [-e / beta for e in errors],
+        return {"credits": [-e / beta for e in errors], "states": [h.detach() for h in s],
                 "displacement": [-(h - h0) / beta for h, h0 in zip(s, free)],
                 "residual": self._relative(grads, dc, beta),
                 "steps": steps}

@@ -26,7 +26,9 @@ from lcredit.rules.dfa import DFA
 S_TYPES = ("none", "eT", "deltaL", "eT_hL", "deltaL_hL")
 
 
-CREDIT_NORMS = {True: "batch", False: None, "batch": "batch", "sample": "sample", "none": None}
+# true / "sample": SPEC's a / (RMS(a) + 1e-6) with each sample's own RMS (the original form);
+# "batch": lcredit's switch, the RMS over the layer's whole batch of credit.
+CREDIT_NORMS = {True: "sample", False: None, "batch": "batch", "sample": "sample", "none": None}
 
 
 def credit_rms(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -37,61 +39,88 @@ def credit_rms(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
 
 
 def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
-    """credit_norm: a / (RMS(a) + 1e-6), the RMS over the layer's whole credit tensor (default)
-    or over each sample's own (``credit_norm: sample``).
+    """credit_norm: a / (RMS(a) + 1e-6), the RMS over each sample's own credit (SPEC's form,
+    ``credit_norm: sample``) or over the layer's whole batch (``credit_norm: batch``).
 
     Per-sample normalisation gives a sample the model already gets right (tiny e, tiny
     gradient) the same push as a misclassified one; on the ladder it lets the residual stream
-    grow by orders of magnitude even under a well-aligned credit field (scripts/ladder_credit.py
-    measures both), so the batch RMS is the default."""
+    grow by orders of magnitude even under a well-aligned credit field; the batch RMS keeps each
+    sample's relative weight (scripts/ladder_credit.py measures both)."""
     return a / (credit_rms(a, per_sample) + 1e-6)
 
 
+FIELDS = ("concat", "gated")
+# A size (noise, step, loss) taken as it is, or relative to the size of what it applies to.
+SCALES = ("absolute", "relative")
+
+
 class CreditNet(nn.Module):
-    """``net(h, t, s)`` for every layer t = 0..L with one shared trunk.
+    """``net(h, t, s)`` for every layer t = 0..L: the network of cb's value and vec's field.
 
-    Layers differ in shape (a CNN's stages, a token sequence), so each has its own input
-    projection (and output head when ``out="vector"``); the layer index enters as a learned
-    embedding; h is layer-normalised first, so a growing residual stream does not saturate it.
-    With a conditioning code the output is *linear in s*: the features gate a bias-free
-    projection of s. The true credit has that form (g_l = J_l^T e for cross-entropy, and
-    J_l^T g_L), so the field starts, like DFA, with a credit that averages out over samples —
-    an additive code would give every sample the same initial push, and the blocks would
-    drift along it. A scalar net (cb's value) adds an s-free term for the value's offset.
+    ``form``:
 
-    ``inputs``: ``full`` (h, t, s), ``time_only`` (t alone), ``constant`` (the same constant
-    input for every sample and layer).
+    - ``concat`` (the original study's, SPEC §3 Fidelity): a plain MLP on the concatenation
+      of its inputs, ``[flatten(h), embedding(t), s]`` → width → width → output. Its first
+      linear layer is written as the sum of one linear map per input (the same function); where
+      the layers' states differ in size (a CNN's stages) the h part of that layer, and the
+      output layer, are per layer, since one matrix cannot take them all.
+    - ``gated`` (lcredit's, ``method.field=gated``): h is layer-normalised first (a growing
+      residual stream does not saturate it), each layer has its own input projection and output
+      head, and the output is *linear in s*: the features gate a bias-free projection of s.
+      The true credit has that form (g_l = J_l^T e for cross-entropy), so the field starts,
+      like DFA, with a credit that averages out over samples — an additive code gives every
+      sample the same initial push, and the blocks drift along it. A scalar net (cb's value)
+      adds an s-free term for the value's offset.
+
+    ``inputs``: ``full`` (h, t, s), ``time_only`` (t alone), ``constant`` (one constant input:
+    no sample, no layer index, no code — one shared output for every layer, cut to each layer's
+    size).
     """
 
     def __init__(self, dims: list[int], cond_dim: int, width: int, out: str = "vector",
-                 inputs: str = "full"):
+                 inputs: str = "full", form: str = "concat"):
         super().__init__()
-        self.dims, self.out, self.inputs = list(dims), out, inputs
-        self.embed_in = nn.ModuleList(nn.Linear(d, width) for d in dims)
+        self.dims, self.out, self.inputs, self.form = list(dims), out, inputs, form
+        shared = len(set(dims)) == 1 and form == "concat"
+        self.shared = shared
+        gated = form == "gated"
+        self.embed_in = nn.ModuleList(nn.Linear(d, width) for d in (dims[:1] if shared else dims))
         self.layer = nn.Embedding(len(dims), width)
         self.trunk = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU())
-        # time_only / constant sources see no code either
-        self.cond = (nn.Linear(cond_dim, width, bias=False) if cond_dim and inputs == "full"
-                     else None)
-        n_out = dims if out == "vector" else [1]
-        self.heads = nn.ModuleList(nn.Linear(width, d, bias=self.cond is None) for d in n_out)
-        self.offset = nn.Linear(width, 1) if out == "scalar" and self.cond is not None else None
+        use_code = bool(cond_dim) and inputs == "full"  # time_only / constant see no code either
+        self.cond = nn.Linear(cond_dim, width, bias=False) if use_code else None
+        if out == "scalar":
+            n_out = [1]
+        elif inputs == "constant":
+            n_out = [max(dims)]
+        else:
+            n_out = dims[:1] if shared else dims
+        self.heads = nn.ModuleList(nn.Linear(width, d, bias=not (gated and use_code))
+                                   for d in n_out)
+        self.offset = (nn.Linear(width, 1) if gated and out == "scalar" and use_code else None)
 
     def forward(self, h: torch.Tensor, t: int, s: torch.Tensor | None) -> torch.Tensor:
         n = h.shape[0]
+        gated = self.form == "gated"
         if self.inputs == "full":
             flat = h.flatten(1)
-            z = self.embed_in[t](F.layer_norm(flat, flat.shape[1:])) + self.layer.weight[t]
+            if gated:
+                flat = F.layer_norm(flat, flat.shape[1:])
+            z = self.embed_in[0 if self.shared else t](flat) + self.layer.weight[t]
+            if not gated and self.cond is not None and s is not None:
+                z = z + self.cond(s.to(z.dtype))
         elif self.inputs == "time_only":
             z = self.layer.weight[t].expand(n, -1)
         else:  # constant: not even the layer index
             z = self.layer.weight[0].expand(n, -1)
         z = self.trunk(z)
-        mixed = z if self.cond is None or s is None else z * self.cond(s.to(z.dtype))
-        if self.out == "vector":
-            return self.heads[t](mixed).view_as(h)
-        v = self.heads[0](mixed).squeeze(-1)
-        return v if self.offset is None else v + self.offset(z).squeeze(-1)
+        mixed = z * self.cond(s.to(z.dtype)) if gated and self.cond is not None and s is not None else z
+        if self.out == "scalar":
+            v = self.heads[0](mixed).squeeze(-1)
+            return v if self.offset is None else v + self.offset(z).squeeze(-1)
+        if self.inputs == "constant":
+            return self.heads[0](mixed)[:, :h[0].numel()].reshape(h.shape)
+        return self.heads[0 if len(self.heads) == 1 else t](mixed).view_as(h)
 
 
 class Estimator(DFA):
@@ -107,11 +136,16 @@ class Estimator(DFA):
     credit_is_feedback = False
     exact_top = False  # a_L is the exact output-local gradient (sb: no predictor at L)
 
+    ORIGINAL = {"credit_norm": "sample", "hL_dim": 32}
+
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None):
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
+                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
+                 hL_dim=32):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
         check_choice("method.s_type", s_type, S_TYPES)
+        if hL_dim is not None:
+            check_range("method.hL_dim", hL_dim, 1, integer=True)
         check_range("method.width", width, 1, integer=True)
         check_range("method.aux_lr", aux_lr, 0.0, lo_open=True)
         warmup_ratio = self.default_warmup if warmup_ratio is None else warmup_ratio
@@ -126,6 +160,11 @@ class Estimator(DFA):
         self.credit_norm, self.warmup_ratio = CREDIT_NORMS[credit_norm], float(warmup_ratio)
         self.prefit_epochs, self.topdown = int(prefit_epochs), topdown
         self.dims = [self.state_dim(l) for l in range(depth + 1)]
+        # The _hL codes see h_L through a learned projection to hL_dim numbers (the original
+        # study's 32), trained with the estimator; null concatenates h_L itself.
+        self.hL_dim = None if hL_dim is None else int(hL_dim)
+        self.hL_proj = (nn.Linear(self.dims[-1], self.hL_dim)
+                        if s_type.endswith("_hL") and self.hL_dim else None)
         # Resumable randomness (directions, bridge noise): drawn from (seed, aux step), and the
         # step counter is part of the state.
         self.register_buffer("aux_steps", torch.zeros((), dtype=torch.long))
@@ -214,20 +253,25 @@ class Estimator(DFA):
 
     # ---------------------------------------------------------------- credit
     def condition(self, p: Pass) -> torch.Tensor | None:
-        """The conditioning code s per sample (detached)."""
+        """The conditioning code s per sample: e or g_L (detached), and for the _hL codes
+        h_L's projection (which trains with the estimator) or h_L itself."""
         if self.s_type == "none":
             return None
         base = p.error if self.s_type.startswith("eT") else p.g_top.flatten(1)
-        parts = [base]
-        if self.s_type.endswith("_hL"):
-            parts.append(p.states[-1].flatten(1))
-        return at_least_fp32(torch.cat(parts, dim=1)).detach()
+        base = at_least_fp32(base).detach()
+        if not self.s_type.endswith("_hL"):
+            return base
+        top = at_least_fp32(p.states[-1].detach().flatten(1))
+        code = top if self.hL_proj is None else self.hL_proj(top.to(self.hL_proj.weight.dtype))
+        return torch.cat([base, code.to(base.dtype)], dim=1)
 
     def cond_dim(self) -> int:
         if self.s_type == "none":
             return 0
         base = self.num_classes if self.s_type.startswith("eT") else self.dims[-1]
-        return base + (self.dims[-1] if self.s_type.endswith("_hL") else 0)
+        if not self.s_type.endswith("_hL"):
+            return base
+        return base + (self.hL_dim or self.dims[-1])
 
     def estimator_credit(self, l: int, p: Pass) -> torch.Tensor:
         raise NotImplementedError

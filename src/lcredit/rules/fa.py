@@ -1,4 +1,5 @@
-"""Feedback alignment (Lillicrap et al. 2016), layerwise or blockwise.
+"""Feedback alignment, blockwise (the original study's form, the default) or layerwise
+(Lillicrap et al. 2016).
 
 Credit starts from the exact output-local gradient a_L = g_L and travels down block by block
 with fixed random matrices in place of the transposed forward weights:
@@ -98,9 +99,11 @@ MAX_DENSE_FEEDBACK = 2**24
 
 class FA(Rule):
     name = "fa"
+    # The original study's FA is blockwise (SPEC §3 Fidelity); layerwise is Lillicrap's.
+    ORIGINAL = {"variant": "blockwise"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 variant: str = "layerwise"):
+                 variant: str = "blockwise"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
         check_choice("method.variant", variant, ("layerwise", "blockwise"))
         self.variant = variant

@@ -5,7 +5,7 @@ import torch
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import CreditNet, Estimator, relative_sq, unit_directions
+from lcredit.rules.estimator import FIELDS, SCALES, CreditNet, Estimator, relative_sq, unit_directions
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
@@ -29,27 +29,39 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
 
 
 class VEC(Estimator):
+    """Defaults are SPEC's form (the original study's): an absolute finite-difference step,
+    the unscaled loss sum_u (<A, u> - delta_u)^2 (+ the unscaled terminal term), a plain
+    concatenation MLP for A. lcredit's switches, each measured in the README's ladder table:
+    ``eps_scale: relative``, ``loss_scale: relative``, ``field: gated``, ``credit_norm: batch``;
+    ``method=vec_gated`` sets them all."""
+
     name = "vec"
+    ORIGINAL = Estimator.ORIGINAL | {"eps_scale": "absolute", "loss_scale": "absolute",
+                                     "field": "concat"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm=True,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 M=4, eps=1e-3, eps_scale="relative", one_sided=False, terminal_weight=1.0,
-                 shuffle_targets=False):
+                 hL_dim=32, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
+                 terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
+                 field="concat"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown)
+                         periodic_refit, topdown, hL_dim)
         check_range("method.M", M, 1, integer=True)
         check_range("method.eps", eps, 0.0, lo_open=True)
-        check_choice("method.eps_scale", eps_scale, ("absolute", "relative"))
+        check_choice("method.eps_scale", eps_scale, SCALES)
         check_range("method.terminal_weight", terminal_weight, 0.0)
+        check_choice("method.loss_scale", loss_scale, SCALES)
+        check_choice("method.field", field, FIELDS)
         self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
-        self.eps_scale = eps_scale
+        self.eps_scale, self.loss_scale, self.field_form = eps_scale, loss_scale, field
         self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
         self.field = self.make_field()
 
     def make_field(self, inputs="full"):
-        return CreditNet(self.dims, self.cond_dim(), self.width, out="vector", inputs=inputs)
+        return CreditNet(self.dims, self.cond_dim(), self.width, out="vector", inputs=inputs,
+                         form=self.field_form)
 
     def field_output(self, l, h, s):
         return self.field(at_least_fp32(h), l, s)
@@ -68,14 +80,22 @@ class VEC(Estimator):
             return self.eps
         return self.eps * h.flatten(1).norm(dim=1).clamp_min(1e-12)
 
+    def sq_error(self, err: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+        """The squared error summed over all entries and divided by the batch size ``n``
+        (``absolute``), or relative to the target's own size over the batch (``relative``)."""
+        if self.loss_scale == "relative":
+            return relative_sq(err, target)
+        return err.pow(2).sum() / n
+
     def field_loss(self, p: Pass, s, output, shuffle=None):
-        """Per layer l = 0..L, sum_u (<A, u> - delta_u)^2 relative to sum_u delta_u^2 (over the
-        batch), plus the terminal term ||A(h_L) - g_L||^2 relative to ||g_L||^2 (output-local).
+        """Per layer l = 0..L, sum_u (<A, u> - delta_u)^2, plus the terminal term
+        ``terminal_weight`` ||A(h_L) - g_L||^2 (output-local); mean over the batch.
 
         (dim/M) sum_u (<A, u> - delta_u)^2 is an unbiased estimate of ||A - g||^2 up to the
-        finite-difference error; taking it relative to the targets' own size keeps the field
-        learning at the same pace when the gradients shrink by orders of magnitude (a growing
-        residual stream behind a LayerNorm), instead of letting the loss vanish with them."""
+        finite-difference error. ``loss_scale: relative`` takes each term relative to its
+        targets' own size, which keeps the field learning at the same pace when the gradients
+        shrink by orders of magnitude (a growing residual stream behind a LayerNorm), instead
+        of letting the loss vanish with them."""
         shuffle = self.shuffle_targets if shuffle is None else shuffle
         gen = self.generator(p.states[0].device)
         depth = len(p.states) - 1
@@ -89,11 +109,11 @@ class VEC(Estimator):
                 target = target[:, torch.randperm(h.shape[0], generator=gen, device=h.device)]
             a = output(l, h, s)
             pred = (a[None] * u).flatten(2).sum(2)
-            total = total + relative_sq(pred - target, target)
+            total = total + self.sq_error(pred - target, target, h.shape[0])
         if self.terminal_weight > 0:
             a_top = output(depth, p.states[-1].detach(), s)
             g = at_least_fp32(p.g_top)
             if shuffle:  # the control gets no sample's own gradient anywhere, h_L included
                 g = g[torch.randperm(g.shape[0], generator=gen, device=g.device)]
-            total = total + self.terminal_weight * relative_sq(a_top - g, g)
+            total = total + self.terminal_weight * self.sq_error(a_top - g, g, g.shape[0])
         return total
