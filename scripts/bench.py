@@ -126,7 +126,9 @@ def time_pair(rule, task, epochs, n_train, d, depth, seed, out_dir):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"method={rule}", "data=gaussian_images", f"data.n_train={n_train}",
+            # the plain fa loop is Lillicrap's layerwise FA
+            f"method={rule}", *(["method.variant=layerwise"] if rule == "fa" else []),
+            "data=gaussian_images", f"data.n_train={n_train}",
             "data.n_test=2000", f"model.d={d}", f"model.depth={depth}",
             f"trainer.max_epochs={epochs}", f"seed={seed}", f"paths.output_dir={out_dir}",
             "protocol.frozen_baseline=null", "protocol.abort.enabled=false",

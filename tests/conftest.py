@@ -11,6 +11,11 @@ from lcredit.rules import Rule
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
          "protocol.frozen_baseline=null"]
+# SPEC's rho (1024 samples x 32 directions) and 20 null draws cost minutes per measurement on
+# the image models in float64 on a 2-core CPU; runs in tests measure at smaller sizes, and the
+# tests of the measurement itself (test_diagnostics) and of the defaults use SPEC's.
+LIGHT_MEASURE = ["protocol.measure.rho_samples=256", "protocol.measure.rho_directions=8",
+                 "protocol.measure.null_draws=4"]
 TINY_LADDER = ["data.n_train=1024", "data.n_test=512", "model.d=32", "model.depth=2"]
 
 
@@ -32,7 +37,7 @@ def compose_cfg(out_dir, *overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=[f"paths.output_dir={out_dir}",
                                             f"paths.cache_dir={Path(out_dir).parent / 'cache'}",
-                                            *QUIET, *overrides])
+                                            *QUIET, *LIGHT_MEASURE, *overrides])
 
 
 @pytest.fixture

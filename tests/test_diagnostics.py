@@ -28,32 +28,47 @@ def batches(k=4, n=128, seed=1):
 
 
 def test_bp_credit_is_perfectly_aligned_and_predictive():
-    rep = lcredit.diagnose(None, batches(), credit=BP(model(), SHAPE, C))
+    # rho at SPEC's sizes: 1024 samples x 32 directions, pooled over eight batches of 128.
+    rep = lcredit.diagnose(None, batches(k=8), credit=BP(model(), SHAPE, C))
     for row in rep.layers:
         assert abs(row["gamma"] - 1) < 1e-6, row
         assert abs(row["gamma_flat"] - 1) < 1e-6, row
-        assert row["rho"] > 0.95, row
+        assert row["rho"] > 0.99 and row["rho_se"] < 0.01, row
         assert row["nudge"] < 0, row  # following the gradient lowers the loss
     assert rep.aggregates["gamma_deep"] == pytest.approx(1, abs=1e-6)
+    assert rep.extra["rho_samples"] == 1024 and rep.extra["rho_directions"] == 32
 
 
-def test_random_credit_scores_zero():
+def test_random_credit_scores_zero_within_its_standard_error():
     gen = torch.Generator().manual_seed(5)
 
     def random_credit(net, x, y):
         return [torch.randn(h.shape, generator=gen, dtype=h.dtype) for h in net.states(x)]
 
-    rep = lcredit.diagnose(model(), batches(k=8), credit=random_credit, rho_samples=128,
-                           rho_directions=32)
+    rep = lcredit.diagnose(model(), batches(k=8), credit=random_credit)
     for row in rep.layers:
         assert abs(row["gamma"]) < 0.05, row
-        assert abs(row["rho"]) < 0.05, row
+        assert 0 < row["rho_se"] < 0.1, row
+        assert abs(row["rho"]) < 3 * row["rho_se"], row
+
+
+def test_rho_pools_its_samples_whatever_the_batch_size_and_says_when_short():
+    """1024 samples whether the evaluation batches hold 64 or 256 each; fewer are used as they
+    are and the report says so (never a silent cap)."""
+    for n in (64, 256):
+        rep = lcredit.diagnose(None, batches(k=1024 // n + 1, n=n), credit=BP(model(), SHAPE, C))
+        assert rep.extra["rho_samples"] == 1024, n
+        assert not any(note.startswith("rho:") for note in rep.notes)
+    short = lcredit.diagnose(None, batches(k=2, n=100), credit=BP(model(), SHAPE, C))
+    assert short.extra["rho_samples"] == 200
+    assert any("rho: pooled 200 of the 1024 samples" in note for note in short.notes)
 
 
 def test_null_gamma_of_dfa_is_chance_level():
     # One draw's mean cosine spreads ~1/sqrt(width) around 0 (every sample shares B), so the
     # chance level is measured wide and over several draws.
-    rep = lcredit.diagnose(None, batches(k=2), credit=DFA(model(d=256), SHAPE, C), null_draws=8)
+    rep = lcredit.diagnose(None, batches(k=2), credit=DFA(model(d=256), SHAPE, C))
+    assert rep.extra["null_draws"] == 20
     for row in rep.layers:
         assert abs(row["null_gamma"]) < 0.05, row
         assert row["null_gamma_std"] > 0
@@ -61,7 +76,7 @@ def test_null_gamma_of_dfa_is_chance_level():
 
 def test_null_gamma_redraws_feedback_of_the_same_family():
     """fa's chance level keeps the skip path, so it is far from 0: null_gamma shows that."""
-    rule = FA(model(), SHAPE, C)
+    rule = FA(model(), SHAPE, C, variant="layerwise")
     rep = lcredit.diagnose(None, batches(), credit=rule)
     assert rep.layers[-1]["null_gamma"] == pytest.approx(1.0)  # a_L is exact for any draw
     assert all(math.isfinite(r["null_gamma_std"]) for r in rep.layers)
@@ -196,9 +211,16 @@ def test_report_renders_text_markdown_json_and_template():
     assert d["verdict"] == rep.verdict and len(d["layers"]) == 4
     md = rep.to_markdown()
     assert "| layer |" in md and "Verdict" in md
-    assert "verdict" in rep.to_text()
+    text = rep.to_text()
+    assert "verdict" in text
+    # every rendering leads with gamma_hidden (SPEC §4: the layers no rule gets exactly)
+    hidden = f"{rep.aggregates['gamma_hidden']:.4f}"
+    assert list(rep.aggregates)[0] == "gamma_hidden"
+    assert text.splitlines()[0].startswith(f"gamma_hidden = {hidden}")
+    assert md.splitlines()[2].startswith(f"**gamma_hidden = {hidden}**")
+    assert rep.TEMPLATE_HEADER.startswith("| rule | gamma_hidden |")
     row = rep.template_row()
-    assert row.startswith("| dfa | 0.5000 | 0.3000 |") and rep.verdict in row
+    assert row.startswith(f"| dfa | {hidden} | 0.5000 | 0.3000 |") and rep.verdict in row
     assert rep.template().count("\n") == 3
 
 
@@ -239,3 +261,20 @@ def test_diagnose_takes_any_module_with_embed_blocks_readout():
     assert len(rep.layers) == 4
     assert all(r["gamma"] == pytest.approx(1, abs=1e-9) for r in rep.layers)
     assert rep.verdict == "trustworthy"
+
+
+def test_a_run_measures_at_spec_sizes_by_default(make_cfg):
+    """The protocol's own defaults are SPEC §4's, and a run reports what it pooled."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_LADDER
+    from lcredit.train import train
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/protocol/default.yaml")
+    assert (conf.measure.rho_samples, conf.measure.rho_directions, conf.measure.null_draws) == (1024, 32, 20)
+    r = train(make_cfg("method=dfa", *TINY_LADDER, "trainer.max_epochs=1",
+                       *(f"protocol.measure.{k}={v}" for k, v in conf.measure.items())))
+    extra = r["protocol"]["extra"]
+    assert (extra["rho_samples"], extra["rho_directions"], extra["null_draws"]) == (1024, 32, 20)
+    assert list(r["protocol"]["aggregates"])[0] == "gamma_hidden"

@@ -119,7 +119,7 @@ def test_frozen_updates_only_embedding_and_readout():
 
 
 def test_feedback_matrices_are_persistent_buffers():
-    for rule in (DFA(make_model(), SHAPE, C), FA(make_model(), SHAPE, C),
+    for rule in (DFA(make_model(), SHAPE, C), FA(make_model(), SHAPE, C, variant="layerwise"),
                  FA(make_model(), SHAPE, C, variant="blockwise")):
         names = [n for n, _ in rule.named_buffers() if "feedback" in n]
         assert names and all(n in rule.state_dict() for n in names)
@@ -162,7 +162,8 @@ def test_bp_penalty_is_part_of_the_end_to_end_loss():
         torch.testing.assert_close(got[name], p.grad, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("make", [lambda m: FA(m, SHAPE, C), lambda m: Frozen(m, SHAPE, C)],
+@pytest.mark.parametrize("make", [lambda m: FA(m, SHAPE, C, variant="layerwise"),
+                                  lambda m: Frozen(m, SHAPE, C)],
                          ids=["fa-layerwise", "frozen"])
 def test_chained_pass_equals_block_by_block_update(make):
     """The one-call chain for vjp-credit rules gives the block-by-block update's numbers."""

@@ -77,16 +77,17 @@ def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> R
         with open_dict(cfg):
             cfg.protocol.frozen_baseline = frozen_baseline
         fb = baseline.resolve(cfg, train_fn=_no_training)
-    eval_b, stab_b = evaluation_batches(task.x_train, task.y_train, int(p.eval_batches),
-                                        int(p.stability_batches), int(p.batch_size), int(p.seed))
+    measure = OmegaConf.to_container(p.measure, resolve=True)
+    eval_b, stab_b, rho_b = evaluation_batches(
+        task.x_train, task.y_train, int(p.eval_batches), int(p.stability_batches),
+        int(p.batch_size), int(p.seed), int(measure.get("rho_samples", 0)))
     th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | dict(thresholds or {})
     # first_fired from the run: the audit of the last state must not forget earlier firings.
     first = (ckpt["lcredit"].get("protocol_state") or {}).get("first_fired")
     return diagnose(None, eval_b, credit=rule, headline_acc=headline,
                     frozen_baseline_acc=baseline.accuracy_at(fb, epoch, headline), thresholds=th,
-                    stability_batches=stab_b, epoch=epoch,
-                    first_fired=first, seed=int(p.seed),
-                    **OmegaConf.to_container(p.measure, resolve=True))
+                    stability_batches=stab_b, rho_batches=rho_b, epoch=epoch,
+                    first_fired=first, seed=int(p.seed), **measure)
 
 
 def _no_training(cfg):

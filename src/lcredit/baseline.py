@@ -114,3 +114,36 @@ def accuracy_at(frozen_baseline: dict | None, epoch: int, headline_acc=None):
         return headline_acc
     hist = frozen_baseline.get("history_acc") or []
     return hist[epoch - 1] if 0 < epoch <= len(hist) else frozen_baseline.get("final_acc")
+
+
+def linear_probe(task, epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                 device=None) -> float:
+    """Test accuracy of a linear classifier on the raw (flattened) input, trained with Adam on
+    the task's own training stream (fresh samples where the task draws them) for ``epochs``:
+    what a task gives without any hidden layer. A task on which this comes close to backprop
+    cannot show what depth, or a rule's deep credit, adds."""
+    import torch
+    import torch.nn.functional as F
+
+    from lcredit.data import DeviceBatches
+
+    device = device or task.x_train.device
+    gen = torch.Generator().manual_seed(int(seed))
+    dim = task.x_train[0].numel()
+    probe = torch.nn.Linear(dim, task.num_classes).to(device)
+    with torch.no_grad():  # a seeded init, independent of the global random state
+        bound = dim ** -0.5
+        probe.weight.copy_((torch.rand(probe.weight.shape, generator=gen) * 2 - 1) * bound)
+        probe.bias.zero_()
+    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    batches = DeviceBatches(task.x_train.to(device), task.y_train.to(device), batch_size,
+                            shuffle=True, seed=seed, resample=task.resample)
+    for epoch in range(int(epochs)):
+        batches.sampler.set_epoch(epoch)
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(x.flatten(1)), y).backward()
+            opt.step()
+    with torch.no_grad():
+        pred = probe(task.x_test.to(device).flatten(1)).argmax(1)
+    return float((pred == task.y_test.to(device)).float().mean())

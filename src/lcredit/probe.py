@@ -97,8 +97,10 @@ def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None
     ckpt = load_checkpoint(ckpt_path)
     snapshot, task, cfg = restore(ckpt, data_root)
     p = cfg.protocol
-    eval_b, _ = evaluation_batches(task.x_train, task.y_train, int(p.eval_batches), 2,
-                                   int(p.batch_size), int(p.seed))
+    measure_opts = OmegaConf.to_container(p.measure, resolve=True)
+    eval_b, _, rho_b = evaluation_batches(task.x_train, task.y_train, int(p.eval_batches), 2,
+                                          int(p.batch_size), int(p.seed),
+                                          int(measure_opts.get("rho_samples", 0)))
     bs = int(batch_size or cfg.data.get("batch_size", 128))
     reference = {k: v.clone() for k, v in snapshot.model.state_dict().items()}
     out = {"snapshot": str(ckpt_path), "snapshot_rule": snapshot.name,
@@ -112,8 +114,7 @@ def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None
         for k, v in rule.model.state_dict().items():
             if not torch.equal(v, reference[k]):  # would make every number below meaningless
                 raise RuntimeError(f"probe: the snapshot changed while fitting {name} ({k})")
-        m = measure(None, eval_b, rule, stability_batches=[],
-                    **OmegaConf.to_container(p.measure, resolve=True))
+        m = measure(None, eval_b, rule, stability_batches=[], rho_batches=rho_b, **measure_opts)
         out["rules"][name] = {
             "estimator_loss_first_last": loss,
             "layers": [{k: row.get(k) for k in ("layer", "gamma", "rho", "nudge", "null_gamma")}

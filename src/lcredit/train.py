@@ -231,7 +231,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
 
     train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
                                   seed=int(cfg.seed), random_targets=bcfg["random_targets"],
-                                  num_classes=task.num_classes)
+                                  num_classes=task.num_classes, resample=task.resample)
     test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"], shuffle=False)
     callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
     monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)

@@ -11,25 +11,29 @@ from lightning.pytorch.callbacks import Callback
 
 from lcredit.baseline import accuracy_at
 from lcredit.diagnostics import diagnose
+from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
 from lcredit.diagnostics.protocol import DEFAULT_THRESHOLDS, check_thresholds
 from lcredit.errors import ConfigError
 
 log = logging.getLogger("lcredit")
 
-LAYER_METRICS = ("hidden_norm", "bp_grad_norm", "gamma", "gamma_flat", "rho", "nudge",
-                 "null_gamma", "costate_cosine")
+LAYER_METRICS = ("gamma", "null_gamma", "null_gamma_std", "rho", "hidden_norm", "bp_grad_norm",
+                 "gamma_flat", "nudge", "costate_cosine")
 
 
 def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_size: int,
-                       seed: int = 0):
-    """The fixed evaluation batches (metrics, stability): the same training samples at every
-    measurement and in a post-hoc audit — a function of the data and ``seed`` only."""
-    n = min(len(x), max(eval_batches, stability_batches) * batch_size)
+                       seed: int = 0, rho_samples: int = 0):
+    """The fixed evaluation batches: (metrics, stability (c), rho's pool) — the same training
+    samples at every measurement and in a post-hoc audit, a function of the data and ``seed``
+    only. rho pools ``rho_samples`` samples from as many of these batches as that takes, so its
+    sample count does not depend on the batch size that (b) and (c) use."""
+    rho_batches = -(-int(rho_samples) // batch_size)
+    n = min(len(x), max(eval_batches, stability_batches, rho_batches) * batch_size)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:n]
     order = order.to(x.device)
     batches = [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
                for i in range(0, n, batch_size)]
-    return batches[:eval_batches], batches[:stability_batches]
+    return batches[:eval_batches], batches[:stability_batches], batches[:max(rho_batches, 1)]
 
 
 class ProtocolMonitor(Callback):
@@ -60,8 +64,9 @@ class ProtocolMonitor(Callback):
             loader = trainer.train_dataloader
             if not hasattr(loader, "x"):
                 raise ConfigError("protocol: the training data must be lcredit DeviceBatches")
-            self._batches = evaluation_batches(loader.x, loader.y, self.n_eval, self.n_stab,
-                                               self.batch_size, self.seed)
+            self._batches = evaluation_batches(
+                loader.x, loader.y, self.n_eval, self.n_stab, self.batch_size, self.seed,
+                int(self.measure_opts.get("rho_samples", MEASURE_DEFAULTS["rho_samples"])))
         return self._batches
 
     # ----------------------------------------------------------------- schedule
@@ -83,11 +88,11 @@ class ProtocolMonitor(Callback):
 
     def run(self, trainer, pl_module, epoch, headline_acc):
         t0 = time.perf_counter()
-        eval_b, stab_b = self.batches(trainer)
+        eval_b, stab_b, rho_b = self.batches(trainer)
         state = pl_module.protocol_state
         report = diagnose(None, eval_b, credit=pl_module, headline_acc=headline_acc,
                           frozen_baseline_acc=accuracy_at(self.frozen_baseline, epoch, headline_acc),
-                          thresholds=self.thresholds, stability_batches=stab_b,
+                          thresholds=self.thresholds, stability_batches=stab_b, rho_batches=rho_b,
                           epoch=epoch, first_fired=state.get("first_fired"),
                           seed=self.seed, **self.measure_opts)
         state["first_fired"] = {k: d["first_fired_epoch"] for k, d in report.diagnostics.items()}

@@ -30,6 +30,9 @@ class Task:
     costate: object = None  # fn(model, x, y) -> exact adjoint [p_0..p_L], if the task knows it
     check_model: object = None  # fn(model): raises ConfigError for a model the task cannot use
     notes: tuple = ()
+    # fn(epoch) -> (x, y) on the CPU: a fresh training set for that epoch (a generative task
+    # drawing new samples every epoch); None: x_train / y_train every epoch.
+    resample: object = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -61,8 +64,9 @@ class DeviceBatches:
     """
 
     def __init__(self, x, y, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 random_targets: bool = False, num_classes: int | None = None):
+                 random_targets: bool = False, num_classes: int | None = None, resample=None):
         self.x, self.y = x, y
+        self.resample = resample
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
@@ -80,15 +84,18 @@ class DeviceBatches:
         return g
 
     def __iter__(self):
-        n, bs = len(self.x), self.batch_size
+        x, y = self.x, self.y
+        if self.resample is not None:  # this epoch's fresh samples (a function of the epoch)
+            x, y = (t.to(self.x.device) for t in self.resample(self.sampler.epoch))
+        n, bs = len(x), self.batch_size
         g = self._generator()
-        order = torch.randperm(n, generator=g, device=self.x.device) if self.shuffle else None
+        order = torch.randperm(n, generator=g, device=x.device) if self.shuffle else None
         for start in range(0, n, bs):
             if order is None:
-                xb, yb = self.x[start:start + bs], self.y[start:start + bs]
+                xb, yb = x[start:start + bs], y[start:start + bs]
             else:
                 idx = order[start:start + bs]
-                xb, yb = self.x[idx], self.y[idx]
+                xb, yb = x[idx], y[idx]
             if self.random_targets:
                 if yb.is_floating_point():  # regression: i.i.d. standard normal targets
                     yb = torch.randn(yb.shape, generator=g, device=yb.device, dtype=yb.dtype)

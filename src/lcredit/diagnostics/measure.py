@@ -9,11 +9,13 @@ import statistics
 import torch
 
 from lcredit.diagnostics import metrics as M
-from lcredit.models.base import exact_credit
+from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules.base import local_update_gradients
 
-DEFAULTS = dict(rho_samples=128, rho_directions=8, rho_eps=1e-3, nudge_step=1e-2,
-                null_draws=3, seed=0)
+# SPEC §4: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
+# takes), null_gamma from 20 fresh feedback draws.
+DEFAULTS = dict(rho_samples=1024, rho_directions=32, rho_eps=1e-3, nudge_step=1e-2,
+                null_draws=20, seed=0)
 
 
 def measuring_copy(obj, dtype=torch.float64):
@@ -83,13 +85,15 @@ def block_update_directions(source, model, batches, loss_fn):
 
 
 def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
-            stability_batches=None, **opts) -> dict:
+            stability_batches=None, rho_batches=None, **opts) -> dict:
     """All per-layer metrics, aggregates and the raw values the protocol judges.
 
     ``model``: any module with embed / blocks / readout. ``batches``: list of (x, y).
     ``credit``: a rule (anything with ``credit(x, y)``, ``model``, ``compute_gradients``), a
     function ``fn(model, x, y) -> [a_0..a_L]`` called with the float64 copy, or None.
     ``costate``: optional ``fn(model, x, y) -> [p_0..p_L]``, a task's exact adjoint.
+    ``rho_batches``: where rho pools its ``rho_samples`` from (default: ``batches``); fewer
+    samples than asked for are used as they are and said so in the notes, never silently.
     """
     o = DEFAULTS | opts
     if loss_fn is None:  # a rule knows its task's loss (cross-entropy, or lq's quadratic cost)
@@ -110,17 +114,45 @@ def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
     gen = torch.Generator().manual_seed(int(o["seed"]))
     dev = next(net.parameters()).device
     batches = [(x.to(dev).double(), y.to(dev)) for x, y in batches]
+    rho_batches = batches if rho_batches is None else [(x.to(dev).double(), y.to(dev))
+                                                       for x, y in rho_batches]
     nulls = fresh_feedback_copies(source, o["null_draws"], gen) if _is_rule(source) else None
 
     # Never under an outer autocast: the diagnostics are float64 whatever the training runs in.
     ac = torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu") else contextlib.nullcontext()
     with ac:
         return _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
-                        stab_source, stab_net)
+                        stab_source, stab_net, rho_batches)
+
+
+def pooled_rho(net, source, batches, loss_fn, gen, samples: int, directions: int, eps: float):
+    """rho_l for every layer from ``samples`` samples x ``directions`` directions, pooled over
+    as many of ``batches`` as it takes (one Pearson correlation over all the pairs). Returns
+    ([(rho, its jackknife standard error) per layer], samples used)."""
+    pairs, used = None, 0
+    for x, y in batches:
+        if used >= samples:
+            break
+        k = min(samples - used, len(y))
+        x, y = x[:k], y[:k]
+        states = [h.detach() for h in hidden_states_nograd(net, x)]
+        credits = source.credit(x, y) if _is_rule(source) else source(net, x, y)
+        got = [M.perturbation_pairs(net, l, states[l], credits[l], y, directions=directions,
+                                    eps=eps, generator=gen, loss_fn=loss_fn)
+               for l in range(len(states))]
+        pairs = got if pairs is None else [(torch.cat([p[0], g[0]], 1), torch.cat([p[1], g[1]], 1))
+                                           for p, g in zip(pairs, got)]
+        used += k
+    return [M.pearson_jackknife(*p) for p in pairs], used
+
+
+def hidden_states_nograd(net, x):
+    with torch.no_grad():
+        return hidden_states(net, x)
 
 
 def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
-             stab_source=None, stab_net=None):
+             stab_source=None, stab_net=None, rho_batches=None):
     depth = len(net.blocks)
     n_layers = depth + 1
     acc = {k: [[] for _ in range(n_layers)] for k in
@@ -157,13 +189,13 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             for l in range(n_layers):
                 acc["costate"][l].append(M.row_cosines(credits[l], exact[l])[0])
         if bi == 0:
-            k = min(o["rho_samples"], n)
-            rho = [M.perturbation_correlation(net, l, states[l][:k], credits[l][:k], y[:k],
-                                              directions=o["rho_directions"], eps=o["rho_eps"],
-                                              generator=gen, loss_fn=loss_fn)
-                   for l in range(n_layers)]
-            nudge = [M.nudge(net, l, states[l][:k], credits[l][:k], y[:k],
-                             step=o["nudge_step"], loss_fn=loss_fn) for l in range(n_layers)]
+            nudge = [M.nudge(net, l, states[l], credits[l], y, step=o["nudge_step"],
+                             loss_fn=loss_fn) for l in range(n_layers)]
+    rho_used = 0
+    if source is not None:
+        rho, rho_used = pooled_rho(net, source, rho_batches or batches, loss_fn, gen,
+                                   int(o["rho_samples"]), int(o["rho_directions"]),
+                                   float(o["rho_eps"]))
 
     layers = []
     for l in range(n_layers):
@@ -177,7 +209,7 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             a = torch.cat([f[0] for f in flat[l]])
             g = torch.cat([f[1] for f in flat[l]])
             row["gamma_flat"] = M.flat_cosine(a, g)
-            row["rho"] = rho[l]
+            row["rho"], row["rho_se"] = rho[l]
             row["nudge"] = nudge[l]
             nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
             per_draw = [_nanmean(d) for d in nulls_l]
@@ -189,6 +221,13 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
 
     out = {"layers": layers, "depth": depth, "n_samples": sum(len(y) for _, y in batches),
            "notes": []}
+    if source is not None:
+        out["rho_samples"], out["rho_directions"] = rho_used, int(o["rho_directions"])
+        out["null_draws"] = len(nulls) if nulls is not None else int(o["null_draws"])
+        if rho_used < int(o["rho_samples"]):
+            out["notes"].append(f"rho: pooled {rho_used} of the {int(o['rho_samples'])} samples "
+                                f"asked for (x {int(o['rho_directions'])} directions): the "
+                                f"evaluation batches hold no more")
     norms = [r["hidden_norm"] for r in layers]
     ratios = [norms[l + 1] / norms[l] if norms[l] > M.TINY else math.inf for l in range(depth)]
     out["residual_growth"] = max(ratios) if ratios else math.nan
@@ -250,8 +289,9 @@ def aggregates(layers: list[dict]) -> dict:
         vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         return statistics.median(vals) if vals else math.nan
 
-    agg = {"gamma_0": layers[0]["gamma"], "gamma_deep": mean(deep, "gamma"),
-           "gamma_hidden": mean(hidden, "gamma"), "gamma_deep_median": median(deep, "gamma"),
+    # gamma_hidden first: the layers no rule receives exact credit for (SPEC §4)
+    agg = {"gamma_hidden": mean(hidden, "gamma"), "gamma_0": layers[0]["gamma"],
+           "gamma_deep": mean(deep, "gamma"), "gamma_deep_median": median(deep, "gamma"),
            "gamma_flat_deep": mean(deep, "gamma_flat"), "rho_0": layers[0]["rho"],
            "rho_deep": mean(deep, "rho"), "nudge_deep": mean(deep, "nudge"),
            "null_gamma_deep": mean(deep, "null_gamma")}

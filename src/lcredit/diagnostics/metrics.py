@@ -63,10 +63,12 @@ def ce_per_sample(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def perturbation_correlation(model, l, h, a, y, *, directions=8, eps=1e-3, generator=None,
-                             loss_fn=ce_per_sample) -> float:
-    """rho_l: Pearson correlation between <a_l, delta> and the real loss change of a forward
-    pass from h_l + delta, over samples x random directions of norm eps. Uses no cosine."""
+def perturbation_pairs(model, l, h, a, y, *, directions=32, eps=1e-3, generator=None,
+                       loss_fn=ce_per_sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, real) loss changes for ``directions`` random deltas of norm eps per sample:
+    ``<a_l, delta>`` and ``loss(forward from h_l + delta) - loss(forward from h_l)``, each of
+    shape (directions, samples). All directions of the batch go through the network as one
+    batch."""
     n = h.shape[0]
     hd, ad = h.detach().double(), a.detach().double()
     delta = torch.randn((directions, *hd.shape), generator=generator, dtype=hd.dtype,
@@ -78,9 +80,34 @@ def perturbation_correlation(model, l, h, a, y, *, directions=8, eps=1e-3, gener
         moved = per_sample_loss(model, l, (hd[None] + delta).flatten(0, 1),
                                 y.repeat(directions, *([1] * (y.ndim - 1))),
                                 loss_fn).view(directions, n)
-    real = (moved - base[None]).flatten()
-    pred = (ad[None] * delta).flatten(2).sum(2).flatten()
-    return pearson(pred, real)
+    real = moved - base[None]
+    pred = (ad[None] * delta).flatten(2).sum(2)
+    return pred, real
+
+
+def perturbation_correlation(model, l, h, a, y, *, directions=32, eps=1e-3, generator=None,
+                             loss_fn=ce_per_sample) -> float:
+    """rho_l on one batch: Pearson correlation of ``perturbation_pairs``. Uses no cosine."""
+    pred, real = perturbation_pairs(model, l, h, a, y, directions=directions, eps=eps,
+                                    generator=generator, loss_fn=loss_fn)
+    return pearson(pred.flatten(), real.flatten())
+
+
+def pearson_jackknife(pred: torch.Tensor, real: torch.Tensor, groups: int = 16):
+    """Pearson correlation of all (directions, samples) pairs and its jackknife standard error
+    over ``groups`` disjoint sets of samples. The directions of one sample share its credit and
+    gradient, so its pairs are not independent: the error is resampled over samples, not pairs."""
+    r = pearson(pred.flatten(), real.flatten())
+    n = pred.shape[1]
+    groups = min(groups, n)
+    if groups < 2:
+        return r, math.nan
+    ids = torch.arange(n, device=pred.device) % groups
+    loo = [pearson(pred[:, ids != g].flatten(), real[:, ids != g].flatten())
+           for g in range(groups)]
+    loo = torch.tensor(loo, dtype=torch.float64)
+    se = float(((groups - 1) / groups * (loo - loo.mean()).pow(2).sum()).sqrt())
+    return r, se
 
 
 def pearson(u: torch.Tensor, v: torch.Tensor) -> float:

@@ -65,16 +65,19 @@ class Report:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def layer_columns(self) -> list[str]:
-        keys = ["hidden_norm", "bp_grad_norm", "gamma", "gamma_flat", "rho", "nudge",
-                "null_gamma", "costate_cosine"]
+        keys = ["gamma", "null_gamma", "null_gamma_std", "rho", "hidden_norm", "bp_grad_norm",
+                "gamma_flat", "nudge", "costate_cosine"]
         return [k for k in keys if any(k in r for r in self.layers)]
 
     def to_markdown(self) -> str:
         cols = self.layer_columns()
         lines = [f"### lcredit protocol — {self.rule or 'model'}"
-                 + (f", epoch {self.epoch}" if self.epoch is not None else ""),
-                 "", f"**Verdict: {self.verdict}**" + (f" — {'; '.join(self.reasons)}"
-                                                       if self.reasons else ""), ""]
+                 + (f", epoch {self.epoch}" if self.epoch is not None else ""), ""]
+        if "gamma_hidden" in self.aggregates:
+            lines += [f"**gamma_hidden = {_fmt(self.aggregates['gamma_hidden'])}** "
+                      f"(mean cosine with backprop over layers 1..L-1)", ""]
+        lines += [f"**Verdict: {self.verdict}**" + (f" — {'; '.join(self.reasons)}"
+                                                    if self.reasons else ""), ""]
         lines += ["| layer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in self.layers:
             lines.append(f"| {r['layer']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -104,6 +107,10 @@ class Report:
         from rich.table import Table
 
         console = console or Console()
+        if "gamma_hidden" in self.aggregates:
+            console.print(f"[bold]gamma_hidden = {_fmt(self.aggregates['gamma_hidden'])}[/bold] "
+                          f"(mean cosine with backprop over layers 1..L-1)"
+                          + (f" — {self.rule}" if self.rule else ""))
         cols = self.layer_columns()
         t = Table(title=f"per-layer credit quality — {self.rule or 'model'}"
                         + (f", epoch {self.epoch}" if self.epoch is not None else ""))
@@ -129,7 +136,7 @@ class Report:
         for n in self.notes:
             console.print(f"note: {n}")
 
-    TEMPLATE_HEADER = ("| rule | headline acc | frozen acc | gamma_0 | gamma_deep | gamma_hidden"
+    TEMPLATE_HEADER = ("| rule | gamma_hidden | headline acc | frozen acc | gamma_0 | gamma_deep"
                        " | rho_deep | (a) growth | (b) grad floor | (c) stability | (d) margin pp"
                        " | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -139,9 +146,9 @@ class Report:
 
         def diag(k):
             return _fmt(g[k]["value"]) + (" ⚠" if g[k]["fired"] else "")
-        return (f"| {self.rule or '-'} | {_fmt(self.headline_acc)} | {_fmt(self.frozen_baseline_acc)}"
-                f" | {_fmt(a.get('gamma_0'))} | {_fmt(a.get('gamma_deep'))}"
-                f" | {_fmt(a.get('gamma_hidden'))} | {_fmt(a.get('rho_deep'))}"
+        return (f"| {self.rule or '-'} | {_fmt(a.get('gamma_hidden'))} | {_fmt(self.headline_acc)}"
+                f" | {_fmt(self.frozen_baseline_acc)} | {_fmt(a.get('gamma_0'))}"
+                f" | {_fmt(a.get('gamma_deep'))} | {_fmt(a.get('rho_deep'))}"
                 f" | {diag('a')} | {diag('b')} | {diag('c')} | {diag('d')} | {self.verdict} |")
 
     def template(self) -> str:
@@ -185,7 +192,10 @@ def judge(measured: dict, headline_acc=None, frozen_baseline_acc=None, threshold
                   frozen_baseline_acc=frozen_baseline_acc, rule=rule, epoch=epoch, notes=notes,
                   extra={"stability": measured.get("stability"),
                          "residual_growth_per_block": measured.get("residual_growth_per_block"),
-                         "n_samples": measured.get("n_samples")})
+                         "n_samples": measured.get("n_samples"),
+                         "rho_samples": measured.get("rho_samples"),
+                         "rho_directions": measured.get("rho_directions"),
+                         "null_draws": measured.get("null_draws")})
 
 
 def _fmt(v) -> str:
