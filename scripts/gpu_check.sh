@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/scripts PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${CUDA_TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
+timeout "${CUDA_TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider -n 6 tests/test_cuda.py \
   2>&1 | tail -n 30 | tee "$OUT/cuda_tests.txt"
 timeout "${LADDER_S:-360}" python3 scripts/ladder_credit.py --jobs "${JOBS:-12}" --device cuda \
   --epochs 4 --out "$OUT/ladder_credit" --runs /tmp/ladder_runs 2>&1 | tail -n 45
