@@ -121,9 +121,12 @@ class CB(Estimator):
 
     def through_block(self, l: int, h: torch.Tensor, p: Pass) -> torch.Tensor:
         """Block l applied to (perturbed) states ``h``, forward only, BatchNorm statistics
-        untouched; in the pass's dtype in, at least float32 out."""
+        untouched; at least float32 out. It runs outside autocast (the bridge compares small
+        differences), so ``h`` goes in the block's own parameter dtype, not the pass's (bf16
+        under bf16-mixed, which a float32 LayerNorm refuses)."""
+        block = self.model.blocks[l]
         with torch.no_grad(), preserved_buffers(self.model):
-            return at_least_fp32(self.model.blocks[l](h.to(p.states[l].dtype)))
+            return at_least_fp32(block(h.to(next(block.parameters()).dtype)))
 
     def noise_scale(self, h):
         """sigma, or (relative) sigma times the per-sample RMS of h: a fixed absolute noise
