@@ -35,14 +35,14 @@ def run(rule, seed, runs: Path, extra=()):
     return lt.train(cfg), cfg
 
 
-def measure(seeds, runs: Path, extra=()) -> dict:
+def measure(seeds, runs: Path, extra=(), rules=RULES) -> dict:
     """The figures of the table (and of the slow test that checks its inequalities)."""
     from lcredit.baseline import linear_probe
     from lcredit.data import build_task
 
-    out = {"rules": {}, "frozen": [], "linear": [], "seeds": list(seeds)}
+    out = {"rules": {}, "frozen": [], "linear": [], "seeds": list(seeds), "overrides": list(extra)}
     for seed in seeds:
-        for rule in RULES:
+        for rule in rules:
             r, cfg = run(rule, seed, runs, extra)
             p = r["protocol"]
             out["rules"].setdefault(rule, []).append({
@@ -69,31 +69,40 @@ def mean_std(vals):
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
-def render(report: dict) -> str:
-    s = report["setup"]
+def render(full: dict) -> str:
+    s = full["setup"]
     lines = [f"`make run`'s task and budget (`{s['task']}`), seeds "
-             f"{', '.join(map(str, report['seeds']))}; mean ± std (ddof=1) ({s['date']}, "
-             f"`scripts/default_task.py`):", "",
-             "| run | test acc | gamma_hidden | (a) growth | (d) margin pp | verdict | epochs run |",
+             f"{', '.join(map(str, full['default']['seeds']))}; mean ± std (ddof=1) "
+             f"({s['date']}, `scripts/default_task.py`):", ""]
+    lines += section(full["default"])
+    if "original" in full:
+        lines += ["", f"The same runs on the original ladder (`{' '.join(full['original']['overrides'])}`),"
+                      f" same budget:", ""]
+        lines += section(full["original"])
+    return "\n".join(lines) + "\n"
+
+
+def section(report: dict) -> list[str]:
+    lines = ["| run | gamma_hidden | test acc | (a) growth | (d) margin pp | verdict | epochs run |",
              "|---|---|---|---|---|---|---|"]
     for rule, rows in report["rules"].items():
         verdicts = [r["verdict"] for r in rows]
         walked = sum(v == "walk back" for v in verdicts)
         reasons = sorted({x.split(":")[0] for r in rows for x in r["reasons"]})
         lines.append(
-            f"| {rule} | {mean_std([r['test_acc'] for r in rows])} | "
-            f"{mean_std([r['gamma_hidden'] for r in rows])} | "
+            f"| {rule} | {mean_std([r['gamma_hidden'] for r in rows])} | "
+            f"{mean_std([r['test_acc'] for r in rows])} | "
             f"{mean_std([r['growth'] for r in rows])} | {mean_std([r['margin_pp'] for r in rows])} | "
             f"{'walk back' if walked else 'trustworthy'} ({walked}/{len(rows)} walk back"
             f"{'; ' + ', '.join(reasons) if reasons else ''}) | "
             f"{', '.join(str(r['epochs']) for r in rows)} |")
-    lines.append(f"| frozen blocks (the comparator) | {mean_std(report['frozen'])} | | | | | |")
-    lines.append(f"| linear probe of the input | {mean_std(report['linear'])} | | | | | |")
+    lines.append(f"| frozen blocks (the comparator) | | {mean_std(report['frozen'])} | | | | |")
+    lines.append(f"| linear probe of the input | | {mean_std(report['linear'])} | | | | |")
     gap = [b["test_acc"] - f for b, f in zip(report["rules"]["bp"], report["frozen"])]
     lines += ["", f"bp − frozen: {mean_std([100 * g for g in gap])} pp; "
                   f"bp − linear probe: "
                   f"{mean_std([100 * (b['test_acc'] - l) for b, l in zip(report['rules']['bp'], report['linear'])])} pp."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main():
@@ -102,6 +111,9 @@ def main():
     ap.add_argument("--runs", default=str(REPO / "outputs" / "default_task"))
     ap.add_argument("--out", default=str(REPO / "docs" / "default_task"))
     ap.add_argument("--readme", help="also copy the table into this README, between its markers")
+    ap.add_argument("--sections", default="default,original",
+                    help="default: the defaults' task; original: bp (and its frozen baseline) "
+                         "and the linear probe on data=ladder at the same budget")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -114,10 +126,18 @@ def main():
         task = " ".join(f"{k}={v}" for k, v in OmegaConf.to_container(cfg.data).items()
                         if k not in ("_target_",)) + f", model={cfg.model._target_.split('.')[-1]} " \
             f"d={cfg.model.d} depth={cfg.model.depth}, {cfg.trainer.max_epochs} epochs"
-        report = measure([int(s) for s in args.seeds.split(",")], Path(args.runs))
-        report["setup"] = {"task": task, "date": time.strftime("%Y-%m-%d")}
+        seeds = [int(s) for s in args.seeds.split(",")]
+        path = out.with_suffix(".json")
+        full = json.loads(path.read_text()) if path.exists() else {}
+        full["setup"] = {"task": task, "date": time.strftime("%Y-%m-%d")}
+        sections = args.sections.split(",")
+        if "default" in sections:
+            full["default"] = measure(seeds, Path(args.runs))
+        if "original" in sections:
+            full["original"] = measure(seeds, Path(args.runs) / "original", ["data=ladder"],
+                                       rules=("bp",))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        path.write_text(json.dumps(full, indent=2))
     text = render(json.loads(out.with_suffix(".json").read_text()))
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -102,7 +102,9 @@ def render(report: dict, out: Path) -> str:
     lines = [f"Original ladder (d=128, C=10, alpha=1, teacher depth 4, 20k fixed samples), "
              f"student d=128 depth 4, {s['epochs']} epochs (the study runs 80), seeds "
              f"{', '.join(map(str, s['seeds']))}; mean ± std (ddof=1) over seeds "
-             f"({s['date']}, {s['device']}; `scripts/ladder_credit.py`):", "",
+             f"({s['date']}, {s['device']}"
+             + (f", {s['jobs']} runs at a time" if s.get("jobs", 1) > 1 else "")
+             + "; `scripts/ladder_credit.py`):", "",
              "| rule | form | gamma_hidden | test acc | gamma_deep | rho_deep | (a) growth | "
              "walk back | train s |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -152,6 +154,7 @@ def main():
         else:
             done = [run_one(j) for j in jobs]
         report = {"setup": {"epochs": args.epochs, "seeds": seeds, "device": args.device,
+                            "jobs": args.jobs,
                             "date": time.strftime("%Y-%m-%d"), "overrides": LADDER},
                   "rows": []}
         for i, (rule, label, ov) in enumerate(rows):

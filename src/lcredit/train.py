@@ -303,11 +303,14 @@ def print_summary(results: dict, out_dir: Path) -> None:
 
     table = Table(title=f"{results['rule']} on {results['task']} (seed {results['seed']}) "
                         f"— {results['status']}")
-    for col in ("epoch", "train loss", "train acc", "test loss", "test acc", "train s"):
+    # gamma_hidden leads (SPEC §4), at the epochs the protocol measured
+    for col in ("epoch", "gamma_hidden", "train loss", "train acc", "test loss", "test acc",
+                "train s"):
         table.add_column(col, justify="right")
     for r in results["history"]:
-        table.add_row(str(r["epoch"]), *(_num(r[k]) for k in
-                                         ("train_loss", "train_acc", "test_loss", "test_acc")),
+        hidden = ((r.get("protocol") or {}).get("aggregates") or {}).get("gamma_hidden")
+        table.add_row(str(r["epoch"]), "" if hidden is None else _num(hidden),
+                      *(_num(r[k]) for k in ("train_loss", "train_acc", "test_loss", "test_acc")),
                       f"{r['train_time_s']:.1f}")
     console = Console()
     console.print(table)
