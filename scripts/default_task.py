@@ -75,10 +75,11 @@ def render(full: dict) -> str:
              f"{', '.join(map(str, full['default']['seeds']))}; mean ± std (ddof=1) "
              f"({s['date']}, `scripts/default_task.py`):", ""]
     lines += section(full["default"])
-    if "original" in full:
-        lines += ["", f"The same runs on the original ladder (`{' '.join(full['original']['overrides'])}`),"
-                      f" same budget:", ""]
-        lines += section(full["original"])
+    for key, what in (("original", "the original ladder"),
+                      ("original_fresh", "the original ladder with fresh samples every epoch")):
+        if key in full:
+            lines += ["", f"bp on {what} (`{' '.join(full[key]['overrides'])}`), same budget:", ""]
+            lines += section(full[key])
     return "\n".join(lines) + "\n"
 
 
@@ -111,9 +112,10 @@ def main():
     ap.add_argument("--runs", default=str(REPO / "outputs" / "default_task"))
     ap.add_argument("--out", default=str(REPO / "docs" / "default_task"))
     ap.add_argument("--readme", help="also copy the table into this README, between its markers")
-    ap.add_argument("--sections", default="default,original",
+    ap.add_argument("--sections", default="default,original,original_fresh",
                     help="default: the defaults' task; original: bp (and its frozen baseline) "
-                         "and the linear probe on data=ladder at the same budget")
+                         "and the linear probe on data=ladder at the same budget; "
+                         "original_fresh: the same with fresh samples every epoch")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -136,6 +138,9 @@ def main():
         if "original" in sections:
             full["original"] = measure(seeds, Path(args.runs) / "original", ["data=ladder"],
                                        rules=("bp",))
+        if "original_fresh" in sections:
+            full["original_fresh"] = measure(seeds, Path(args.runs) / "original_fresh",
+                                             ["data=ladder", "data.fresh=true"], rules=("bp",))
         out.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(full, indent=2))
     text = render(json.loads(out.with_suffix(".json").read_text()))

@@ -16,20 +16,11 @@ from lcredit.data import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+from test_estimators import C, SHAPE, batch, make_model
+from test_estimators import fit_estimator as fit  # the estimator alone, on the frozen network
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 PRESETS = {"sb_skip": "sb", "cb_relative": "cb", "vec_gated": "vec", "blend_gated": "blend"}
-SHAPE, C = (12,), 5
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return ResMLP(SHAPE, C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
-
-
-def batch(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, *SHAPE, generator=g, dtype=torch.float64),
-            torch.randint(C, (n,), generator=g))
 
 
 def grads_of(rule, x, y):
@@ -77,17 +68,6 @@ def gamma_per_layer(rule, model, x, y):
     true = exact_gradients(model, x, y)[1]
     return [float(F.cosine_similarity(a.flatten(1), g.flatten(1), dim=1).mean())
             for a, g in zip(rule.credit(x, y), true)]
-
-
-def fit(rule, steps, seed=2):
-    """The estimator alone, on the frozen network (the prefit phase)."""
-    opt = rule.configure_optimizers()
-    for i in range(steps):
-        x, y = batch(64, seed=seed + i)
-        opt.zero_grad(set_to_none=True)
-        rule.compute_gradients(x, y)
-        opt.step()
-    return rule
 
 
 def hidden(gammas):
