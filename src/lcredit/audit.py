@@ -20,21 +20,13 @@ from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import quote_path_overrides
+from lcredit.config import read_checkpoint
 from lcredit.errors import ConfigError
 from lcredit.train import CONF_DIR, build_rule, fit_task, write_json
 
 
 def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 — any unreadable file gets the same clear message
-        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({err})") from None
-    if "lcredit" not in ckpt or not ckpt["lcredit"].get("config"):
-        raise ConfigError(f"ckpt={path}: not an lcredit checkpoint (no saved run config)")
-    return ckpt
+    return read_checkpoint(path, "ckpt")
 
 
 def restore(ckpt: dict, data_root=None):
@@ -99,6 +91,9 @@ def _no_training(cfg):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")
 def main(cfg: DictConfig) -> None:
     try:
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise ConfigError("ckpt is required: python -m lcredit.audit "
+                              "ckpt=<run dir>/checkpoints/last.ckpt")
         report = audit(cfg.ckpt, thresholds=cfg.thresholds, frozen_baseline=cfg.frozen_baseline,
                        data_root=cfg.data_root)
     except ConfigError as err:

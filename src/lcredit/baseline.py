@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,6 +29,9 @@ def from_results(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"protocol.frozen_baseline={path}: cannot read it as results.json "
                           f"({err})") from None
+    if results.get("status") in ("diverged", "failed", "interrupted"):
+        raise ConfigError(f"protocol.frozen_baseline={path}: that frozen run "
+                          f"{results.get('status')}; it is no comparator")
     acc = (results.get("final") or {}).get("test_acc")
     if acc is None:
         raise ConfigError(f"protocol.frozen_baseline={path}: no final test_acc in it "
@@ -54,7 +58,7 @@ def cache_key(cfg: DictConfig) -> str:
 
 
 def frozen_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
-    frozen = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "method" / "frozen.yaml")
+    frozen = OmegaConf.load(Path(__file__).resolve().parent / "conf" / "method" / "frozen.yaml")
     # Unresolved, so ${paths.output_dir} in the callbacks points at the cache dir set below
     # (resolved early, the frozen run's checkpoint would land in the calling run's directory).
     new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -90,19 +94,32 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
         return from_results(path)
     if is_frozen(cfg):
         return {"source": "self", "final_acc": None, "history_acc": None}
-    out_dir = Path(cfg.paths.cache_dir) / "frozen" / cache_key(cfg)
+    from filelock import FileLock
+
+    key = cache_key(cfg)
+    out_dir = Path(cfg.paths.cache_dir) / "frozen" / key
     cached = out_dir / "results.json"
-    if cached.is_file():
-        try:
-            found = from_results(cached)
-            if json.loads(cached.read_text()).get("status") == "completed":
-                log.info("frozen baseline: reusing %s", cached)
-                return found | {"cached": True}
-        except ConfigError:
-            pass  # an unreadable cache entry is retrained below
-    log.info("frozen baseline: training the frozen-blocks run into %s", out_dir)
-    train_fn(frozen_config(cfg, out_dir))
-    return from_results(cached) | {"cached": False}
+    # Runs that need the same baseline at the same time (a sweep's jobs) train it once: the
+    # first holds the lock while it trains, the others wait and reuse its result.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.parent / f"{key}.lock")):
+        if cached.is_file():
+            try:
+                found = from_results(cached)
+                if json.loads(cached.read_text()).get("status") == "completed":
+                    log.info("frozen baseline: reusing %s", cached)
+                    return found | {"cached": True}
+            except (ConfigError, json.JSONDecodeError):
+                pass  # an unreadable or unusable cache entry is retrained below
+        log.info("frozen baseline: training the frozen-blocks run into %s", out_dir)
+        results = train_fn(frozen_config(cfg, out_dir))
+        if results.get("status") != "completed":
+            # never a comparator, never cached: the next run trains it afresh
+            shutil.rmtree(out_dir, ignore_errors=True)
+            log.warning("frozen baseline %s: (d) is not evaluated", results.get("status"))
+            return {"source": "auto", "final_acc": None, "history_acc": None,
+                    "status": results.get("status"), "divergence": results.get("divergence")}
+        return from_results(cached) | {"cached": False}
 
 
 def accuracy_at(frozen_baseline: dict | None, epoch: int, headline_acc=None):

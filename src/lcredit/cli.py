@@ -71,3 +71,67 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     path.with_suffix(".md").write_text(text)
     print(text)
     print(f"{tool}: {path}")
+
+
+# Overrides that do not make a job a different run: where it writes, how it logs, how the
+# protocol measures it. Left out of sweep directory names (config.yaml keeps every override).
+DIRNAME_SKIP = ("seed", "paths.", "hydra.", "logger", "callbacks", "protocol.measure.",
+                "protocol.print_report", "protocol.every_n_epochs", "protocol.frozen_baseline",
+                "trainer.enable_progress_bar",
+                "trainer.log_every_n_steps", "tags", "resume")
+DIRNAME_MAX = 80
+
+
+def job_dirname(overrides) -> str:
+    """A sweep job's directory name from its overrides: short (at most DIRNAME_MAX characters,
+    a stable hash standing for the rest), one path segment (a path-valued override appears as a
+    hash of the path, so jobs that differ only there still get their own directories), and
+    ``defaults`` when nothing is left."""
+    import hashlib
+    import re
+
+    parts = []
+    for item in overrides or []:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if not sep or key.startswith(DIRNAME_SKIP) or key in ("seed",):
+            continue
+        if "/" in value or "\\" in value or key in PATH_KEYS:
+            value = "h" + hashlib.sha1(value.encode()).hexdigest()[:6]
+        parts.append(f"{key}={value}")
+    name = re.sub(r"[^A-Za-z0-9._,=+@%-]", "_", ",".join(sorted(parts)))
+    if len(name) > DIRNAME_MAX:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:DIRNAME_MAX - 9]}~{digest}"
+    return name or "defaults"
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """After a sweep: one line per failed job (its directory and error), and a non-zero exit
+    when any failed, so a script or scheduler sees the failure (jobs still run to the end)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        root = Path(str(config.hydra.sweep.dir))
+        failed = []
+        for path in sorted(root.glob("**/results.json")):
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError):
+                failed.append((path.parent, "unreadable results.json"))
+                continue
+            if result.get("status") == "failed":
+                failed.append((path.parent, result.get("error", "?")))
+        if not failed:
+            return
+        print(f"lcredit: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+        for job, err in failed:
+            print(f"  {job.relative_to(root) if job.is_relative_to(root) else job}: {err}",
+                  file=sys.stderr)
+        raise SystemExit(1)

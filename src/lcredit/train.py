@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -21,24 +22,31 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import lcredit
-from lcredit import baseline
+from lcredit import baseline, config
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.diagnostics.protocol import finite
-from lcredit.cli import quote_path_overrides
+from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
 
 log = logging.getLogger("lcredit")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The config groups ship inside the package (conf/ at the repository root links here), so an
+# installed lcredit (pip install .) finds them as well as a checkout does.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "64-true", "64")
 
-# Sweep job dirs read `method=fa,model.depth=8/seed=1`; a sweep over seeds alone: `defaults/seed=1`.
+# Sweep job dirs read `method=fa,model.depth=8/seed=1`; a sweep over seeds alone: `defaults/seed=1`
+# (short and one path segment whatever the overrides: cli.job_dirname).
 if not OmegaConf.has_resolver("lcredit_subdir"):
-    OmegaConf.register_new_resolver("lcredit_subdir", lambda s: s or "defaults")
+    OmegaConf.register_new_resolver(
+        "lcredit_subdir", lambda overrides: job_dirname(OmegaConf.to_container(overrides)
+                                                        if OmegaConf.is_config(overrides)
+                                                        else overrides))
 
 
 def versions() -> dict:
@@ -170,11 +178,15 @@ def branch_from(rule, path) -> dict | None:
             "loaded": sorted({k.split(".")[0] for k in taken}), "kept_fresh": skipped}
 
 
-def _loggers(cfg):
+def _loggers(cfg, resuming: bool = False):
+    from lcredit.loggers import CSVLogger
+
     out = []
     for node in (cfg.get("logger") or {}).values():
         if node is not None and "_target_" in node:
-            out.append(instantiate(node))
+            # a resumed run continues the metrics.csv of the run it resumes
+            extra = {"append": resuming} if get_class(node._target_) is CSVLogger else {}
+            out.append(instantiate(node, **extra))
     return out or False
 
 
@@ -198,61 +210,188 @@ def preserved_rng():
     np.random.set_state(np_state)
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM asked the run to stop (raised between batches, so the last checkpoint
+    and the history agree)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM set a flag that ``SignalStop`` turns into ``Interrupted`` at the next
+    batch; a second SIGINT stops at once. Outside the main thread signals cannot be caught
+    here, and the run keeps Python's defaults."""
+    state = {"signum": None}
+
+    def handler(signum, frame):
+        if state["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state["signum"] = signum
+
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield state
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class SignalStop(Callback):
+    """Stops the fit between batches once a signal arrived; makes sure a checkpoint exists to
+    resume from before the first epoch ends (the epoch-0 state)."""
+
+    def __init__(self, state: dict, resuming: bool):
+        self.state, self.resuming = state, resuming
+
+    def _check(self):
+        if self.state["signum"] is not None:
+            raise Interrupted(self.state["signum"])
+
+    def on_train_start(self, trainer, pl_module):
+        ckpt_cb = trainer.checkpoint_callback
+        if not self.resuming and ckpt_cb is not None and ckpt_cb.dirpath:
+            path = Path(ckpt_cb.dirpath) / f"{ckpt_cb.filename or 'last'}{ckpt_cb.FILE_EXTENSION}"
+            trainer.save_checkpoint(str(path))
+        self._check()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._check()
+
+    def on_validation_start(self, trainer, pl_module):
+        self._check()
+
+
 def train(cfg: DictConfig, extra_callbacks=()) -> dict:
-    """Train ``cfg.method`` on ``cfg.data`` with ``cfg.model``; write and return results."""
+    """Train ``cfg.method`` on ``cfg.data`` with ``cfg.model``; write and return results.
+
+    Every user mistake is a ConfigError before any training (and before the frozen baseline
+    trains). A run that fails after its directory exists still writes results.json (status
+    ``failed``, the error, the history so far); one stopped by SIGINT/SIGTERM writes it with
+    status ``interrupted`` and exits 130/143, resumable exactly from its last checkpoint."""
     import lightning as L
 
     start = time.perf_counter()
     # Hydra's root handler already prints Lightning's messages; don't print them twice.
     logging.getLogger("lightning.pytorch").propagate = False
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    config.validate(cfg)
     resume = cfg.get("resume")
-    if resume is not None and not Path(resume).is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file")
+    resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     _check_trainer(tcfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
+    if resume_ckpt is not None:
+        config.check_resume(resume_ckpt, resolved, resume)
+        _refuse_aborted(resume_ckpt, cfg, resume)
+    # Everything that can be wrong with the task, model, rule or branch fails here, before any
+    # directory, cache entry or frozen baseline exists.
     bcfg = batching(cfg.data)
     task = fit_task(cfg, build_task(cfg.data)).to(_device(tcfg))
-
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    rule = build_rule(cfg, task)  # every bad method option fails here, before any training
+    rule = build_rule(cfg, task)
     rule.check_trainer(tcfg)
-    # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
-    # Training the baseline here (when not cached) must not move this run's random streams.
-    with preserved_rng():
-        frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
     rule.run_config = resolved
-    rule.frozen_baseline = frozen_baseline
+    rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
-
-    train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
-                                  seed=int(cfg.seed), random_targets=bcfg["random_targets"],
-                                  num_classes=task.num_classes, resample=task.resample)
-    test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"], shuffle=False)
     callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
-    monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
-    if monitor is not None:
-        monitor.frozen_baseline = frozen_baseline
-    if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
-        callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
-    trainer = L.Trainer(**tcfg, logger=_loggers(cfg), callbacks=callbacks,
-                        default_root_dir=str(out_dir), num_sanity_val_steps=0,
-                        enable_model_summary=False)
-    trainer.fit(rule, train_dataloaders=train_batches, val_dataloaders=test_batches,
-                ckpt_path=resume)
+    if cfg.get("protocol", {}).get("frozen_baseline") == "auto":
+        config.writable_dir(cfg.paths.cache_dir, "paths.cache_dir")
+    out_dir = config.writable_dir(cfg.paths.output_dir, "paths.output_dir")
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    try:
+        # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
+        # Training the baseline here (when not cached) must not move this run's random streams.
+        with preserved_rng():
+            frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
+        rule.frozen_baseline = frozen_baseline
+
+        train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
+                                      seed=int(cfg.seed), random_targets=bcfg["random_targets"],
+                                      num_classes=task.num_classes, resample=task.resample)
+        test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"],
+                                     shuffle=False)
+        monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
+        if monitor is not None:
+            monitor.frozen_baseline = frozen_baseline
+        if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
+            callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
+        with stop_on_signals() as signals:
+            callbacks.append(SignalStop(signals, resuming=resume is not None))
+            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume is not None),
+                                callbacks=callbacks, default_root_dir=str(out_dir),
+                                num_sanity_val_steps=0, enable_model_summary=False)
+            signum = None  # a signal after the last batch: the run completed all the same
+            try:
+                trainer.fit(rule, train_dataloaders=train_batches,
+                            val_dataloaders=test_batches, ckpt_path=resume)
+            except (Interrupted, SystemExit, KeyboardInterrupt):
+                # ours between batches; Lightning's SIGTERMException or sys.exit on a 2nd ^C
+                if signals["signum"] is None:
+                    raise
+                signum = signals["signum"]
+    except BaseException as err:
+        write_json(out_dir / "results.json", failure_record(cfg, err, rule, start))
+        raise
+    results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
+                         interrupted=signum)
+    write_json(out_dir / "results.json", results)
+    print_summary(results, out_dir)
+    report = results["protocol"]
+    if report is not None and cfg.get("protocol", {}).get("print_report", True):
+        Report.from_dict(report).print()
+    if signum is not None:
+        raise SystemExit(128 + signum)
+    return results
+
+
+def _refuse_aborted(ckpt: dict, cfg: DictConfig, path) -> None:
+    """An aborted run stays aborted: resuming it trains only with the abort turned off."""
+    abort = (ckpt.get("lcredit") or {}).get("abort")
+    if abort and cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
+        raise RunAborted(
+            f"resume={path}: the protocol aborted this run at epoch {abort['epoch']} "
+            f"({'; '.join(abort.get('reasons') or [])}); it stays aborted. To train it on "
+            f"regardless, resume with protocol.abort.enabled=false (the abort record is kept).")
+
+
+class RunAborted(ConfigError):
+    """Resuming a run the protocol aborted (not a mistake in the config; exits 0)."""
+
+
+def _status(rule) -> str:
+    if any(r.get("status") == "diverged" for r in rule.history):
+        return "diverged"
+    return "aborted" if rule.abort_info else "completed"
+
+
+def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
+               interrupted=None) -> dict:
     history = rule.history
     last = history[-1] if history else {}
-    status = "diverged" if any(r.get("status") == "diverged" for r in history) else "completed"
-    if rule.abort_info:
-        status = "aborted"
+    status = "interrupted" if interrupted is not None else _status(rule)
     report = rule.protocol_state.get("last")
     ckpt = out_dir / "checkpoints" / "last.ckpt"
-    results = {
+    final = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    final["epochs"] = len(history)
+    divergence = rule.divergence()
+    if divergence is not None:
+        # A diverged model's argmax accuracy is not a result: no final numbers, but where
+        # and when it broke.
+        final.update({k: None for k in ("train_loss", "train_acc", "test_loss", "test_acc")})
+    if report is not None and divergence is not None:
+        report = dict(report, stale=True, notes=list(report.get("notes") or []) + [
+            f"stale: measured at epoch {report.get('epoch')}, before the run diverged at epoch "
+            f"{divergence['epoch']} (step {divergence['step']})"])
+    return {
         "status": status,
         "rule": rule.name,
         # The original study's form of the rule, or the lcredit switches that depart from it.
@@ -261,29 +400,45 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
         "task": task.name,
         "task_notes": list(task.notes),
         "seed": int(cfg.seed),
-        "final": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-        | {"epochs": len(history)},
+        "final": final,
+        "divergence": divergence,
+        "interrupted": None if interrupted is None else {
+            "signal": signal.Signals(interrupted).name, "epochs_done": len(history),
+            "resume_with": f"resume={ckpt}"},
         "history": history,
         "wall_time_s": time.perf_counter() - start,
         "train_time_s": sum(r["train_time_s"] for r in history),
         "protocol": report,
         "protocol_first_fired": rule.protocol_state.get("first_fired"),
         "abort": rule.abort_info,
+        "previous_aborts": rule.protocol_state.get("previous_aborts", []),
         "protocol_time_s": rule.protocol_state.get("seconds", 0.0),
         "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
         "init_from": branched,
         "checkpoint": str(ckpt) if ckpt.exists() else None,
         "output_dir": str(out_dir),
-        "config": resolved,
+        "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
         "command": " ".join(sys.argv),
     }
-    write_json(out_dir / "results.json", results)
-    print_summary(results, out_dir)
-    if report is not None and cfg.get("protocol", {}).get("print_report", True):
-        Report.from_dict(report).print()
-    return results
+
+
+def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
+    """results.json of a run that failed: the error and what it had done so far."""
+    try:
+        config_node = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 — the failure may be in the config itself
+        config_node = OmegaConf.to_container(cfg, resolve=False)
+    seed = cfg.get("seed")
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}",
+            "seed": seed if isinstance(seed, int) else None,
+            "rule": getattr(rule, "name", None),
+            "history": list(getattr(rule, "history", []) or []),
+            "abort": getattr(rule, "abort_info", None),
+            "wall_time_s": None if start is None else time.perf_counter() - start,
+            "output_dir": str(cfg.paths.output_dir) if "paths" in cfg else None,
+            "config": config_node, "versions": versions(), "command": " ".join(sys.argv)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -327,6 +482,8 @@ def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         train(cfg)
+    except RunAborted as err:  # nothing to do, and nothing wrong
+        print(f"lcredit: {err}", file=sys.stderr)
     except ConfigError as err:
         print(f"lcredit: error: {err}", file=sys.stderr)
         if not multirun:
@@ -340,11 +497,16 @@ def main(cfg: DictConfig) -> None:
 
 
 def _record_failure(cfg: DictConfig, err: Exception) -> None:
+    """A failed sweep job's results.json (unless train() already wrote one with its history)."""
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", {
-        "status": "failed", "error": f"{type(err).__name__}: {err}", "seed": int(cfg.seed),
-        "config": OmegaConf.to_container(cfg, resolve=False), "versions": versions()})
+    path = out_dir / "results.json"
+    try:
+        if path.is_file() and json.loads(path.read_text()).get("status") == "failed":
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, failure_record(cfg, err))
+    except OSError as io_err:
+        log.error("could not record the failure in %s: %s", path, io_err)
 
 
 if __name__ == "__main__":

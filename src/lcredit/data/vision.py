@@ -33,6 +33,12 @@ def _load_split(name: str, root: Path, train: bool, download: bool):
             f"data={name}: could not download into {root} ({err}). Place the files under "
             f"{root / folder} by hand and keep data.download=false."
         ) from None
+    except Exception as err:  # noqa: BLE001 — corrupt files: torchvision asserts, numpy, pickle
+        raise ConfigError(
+            f"data={name}: the files under {root / folder} are corrupt or not in {cls_name}'s "
+            f"format ({type(err).__name__}: {str(err)[:120] or 'no message'}); replace them "
+            f"(or delete them and set data.download=true where a network is available)."
+        ) from None
     x = ds.data
     x = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # -> (N, C, H, W)

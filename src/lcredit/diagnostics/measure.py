@@ -160,9 +160,13 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
     flat = [[] for _ in range(n_layers)]
     missing = [0] * n_layers
     rho = nudge = None
+    nonfinite = [0] * n_layers  # samples whose h_l or g_l is not finite (a diverged model)
     for bi, (x, y) in enumerate(batches):
         states, grads = exact_credit(net, x, y, lambda o, t: loss_fn(o, t).mean())
         n = x.shape[0]
+        for l in range(n_layers):
+            bad = ~(torch.isfinite(states[l].flatten(1)).all(1) & torch.isfinite(grads[l].flatten(1)).all(1))
+            nonfinite[l] += int(bad.sum())
         for l in range(n_layers):
             acc["norm"][l].append(M.row_norms(states[l]))
             acc["gnorm"][l].append(M.row_norms(grads[l]) / n)  # batch-mean CE, as in training
@@ -212,8 +216,8 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             row["rho"], row["rho_se"] = rho[l]
             row["nudge"] = nudge[l]
             nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
-            per_draw = [_nanmean(d) for d in nulls_l]
-            row["null_gamma"] = _nanmean(torch.tensor(per_draw))
+            per_draw = [v for v in (_nanmean(d) for d in nulls_l) if math.isfinite(v)]
+            row["null_gamma"] = statistics.fmean(per_draw) if per_draw else math.nan
             row["null_gamma_std"] = statistics.stdev(per_draw) if len(per_draw) > 1 else math.nan
             if acc["costate"][l]:
                 row["costate_cosine"] = _nanmean(torch.cat(acc["costate"][l]))
@@ -221,6 +225,12 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
 
     out = {"layers": layers, "depth": depth, "n_samples": sum(len(y) for _, y in batches),
            "notes": []}
+    for l, bad in enumerate(nonfinite):
+        if bad:
+            layers[l]["missing"] = (f"h_{l} or its gradient is not finite in {bad} of "
+                                    f"{out['n_samples']} samples")
+            out["notes"].append(f"layer {l}: {layers[l]['missing']}; its metrics are missing "
+                                f"(a diverged model has no credit to measure)")
     if source is not None:
         out["rho_samples"], out["rho_directions"] = rho_used, int(o["rho_directions"])
         out["null_draws"] = len(nulls) if nulls is not None else int(o["null_draws"])
@@ -239,9 +249,9 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             if r["gamma_missing"]:
                 out["notes"].append(
                     f"gamma_l{r['layer']}: {r['gamma_missing']} of {out['n_samples']} samples "
-                    f"missing (credit or gradient norm zero or underflowed)")
+                    f"missing (credit or gradient norm zero, underflowed or not finite)")
             if math.isnan(r["gamma"]):
-                out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms "
+                out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms finite and "
                                     f"above {M.TINY:g}")
         sb = stability_batches if stability_batches is not None else batches
         out["stability"] = stability(stab_source, stab_net, sb, loss_fn)

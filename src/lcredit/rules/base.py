@@ -14,10 +14,12 @@ restores the batch-mean scale, and with ``a = B g`` the parameter gradients are 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -116,12 +118,17 @@ class Rule(L.LightningModule):
         self.state_shapes = self._probe_state_shapes()
         # Per step, train metrics are three on-device adds (a torchmetrics update costs ~10x
         # that in Python); evaluation runs a few large batches and uses torchmetrics.
-        self.register_buffer("_train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # [loss sum, correct, samples, first non-finite batch of the epoch (-1: none), batches]
+        self.register_buffer("_train_sums", torch.tensor([0, 0, 0, -1, 0], dtype=torch.float64),
+                             persistent=False)
         self.test_loss = MeanMetric()
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
         self.history: list[dict] = []       # one row per epoch (results.json "history")
         self.protocol_state: dict = {}       # first-fired epochs, last report (callbacks)
         self.abort_info: dict | None = None  # set when the protocol stopped the run
+        self.divergence_info: dict | None = None  # where and when the loss went non-finite
+        self.resume_aborted = False  # set by train() when resuming an aborted run on purpose
+        self._epoch_start_step = 0
         self.frozen_baseline: dict | None = None
         self.run_config: dict | None = None
         self.loss_kind = "ce"   # set from the task by train.build_rule
@@ -302,18 +309,24 @@ class Rule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         loss, logits = self.compute_gradients(x, y)
-        if self.block_grad_clip is not None:
-            for block in self.model.blocks:
-                nn.utils.clip_grad_norm_(trainable(block), self.block_grad_clip)
+        self.clip_block_gradients()
         opt.step()
         sums = self._train_sums
         sums[0] += loss.detach() * len(y)
         if self.loss_kind == "ce":
             sums[1] += (logits.argmax(-1) == y).sum()
         sums[2] += len(y)
+        # the first batch whose loss is non-finite, found on the device (no host sync)
+        sums[3] = torch.where(~torch.isfinite(loss.detach()) & (sums[3] < 0), sums[4], sums[3])
+        sums[4] += 1
         # self.log costs ~0.3 ms a call: log per step only every log_every batches.
         if batch_idx % self.log_every == 0:
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def clip_block_gradients(self) -> None:
+        if self.block_grad_clip is not None:
+            for block in self.model.blocks:
+                nn.utils.clip_grad_norm_(trainable(block), self.block_grad_clip)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -336,6 +349,7 @@ class Rule(L.LightningModule):
         self._sync()
         self._epoch_t0 = time.perf_counter()
         self._train_time = None
+        self._epoch_start_step = self.trainer.global_step
 
     def on_validation_epoch_start(self):
         if self._epoch_t0 is not None and self._train_time is None:
@@ -345,7 +359,7 @@ class Rule(L.LightningModule):
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking or self._train_time is None:
             return
-        loss_sum, correct, seen = self._train_sums.tolist()
+        loss_sum, correct, seen, first_bad, _ = self._train_sums.tolist()
         row = {
             "epoch": self.current_epoch + 1,
             "train_loss": loss_sum / seen if seen else math.nan,
@@ -354,28 +368,99 @@ class Rule(L.LightningModule):
             "test_acc": float(self.test_acc.compute()) if self.loss_kind == "ce" else None,
             "train_time_s": self._train_time,
         }
-        self._train_sums.zero_()
+        self._train_sums.copy_(torch.tensor([0, 0, 0, -1, 0], dtype=torch.float64))
         for m in (self.test_loss, self.test_acc):
             m.reset()
         self.history.append(row)
         self.log_dict({f"{split}/{m}": row[f"{split}_{m}"] for split in ("train", "test")
                        for m in ("loss", "acc") if row[f"{split}_{m}"] is not None},
                       prog_bar=True)
-        if not math.isfinite(row["train_loss"]):
+        if first_bad >= 0 or not math.isfinite(row["train_loss"]):
             # A diverged run is stopped and reported as such, not trained on NaNs.
             row["status"] = "diverged"
+            self.divergence_info = self.locate_divergence(
+                row["epoch"], self._epoch_start_step + int(max(first_bad, 0)))
             self.trainer.should_stop = True
+
+    def locate_divergence(self, epoch: int, step: int) -> dict:
+        """Where the run broke: the epoch and optimizer step of the first non-finite loss, and
+        the first hidden state h_l that was non-finite in that step's forward pass. By then the
+        parameters are non-finite everywhere, so the step is replayed: from the checkpoint the
+        epoch started from (the previous epoch's, or the one saved before the first), through
+        the same batches, in full precision (under bf16-mixed a replay may not reach the same
+        point; the layer is then reported as unknown)."""
+        info = {"epoch": int(epoch), "step": int(step), "first_nonfinite_layer": None}
+        trainer = self._trainer
+        cb = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        path = (Path(cb.dirpath) / f"{cb.filename or 'last'}{cb.FILE_EXTENSION}"
+                if cb is not None and cb.dirpath else None)
+        if path is None or not path.is_file() or not hasattr(loader, "sampler"):
+            info["note"] = "no checkpoint to replay the step from"
+            return info
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        if int(ckpt.get("global_step", -1)) != self._epoch_start_step:
+            info["note"] = "the checkpoint is not the one this epoch started from"
+            return info
+        replay = copy.deepcopy(self.state_dict())
+        opt_state = None
+        try:
+            self.load_state_dict(ckpt["state_dict"])
+            opt = self.configure_optimizers()
+            opt = opt[0] if isinstance(opt, (list, tuple)) else opt
+            opt.load_state_dict(ckpt["optimizer_states"][0])
+            opt_state = opt
+            loader.sampler.set_epoch(epoch - 1)
+            first = step - int(ckpt.get("global_step", 0))
+            with torch.enable_grad():
+                for i, (x, y) in enumerate(loader):
+                    if i == first:
+                        with torch.no_grad():
+                            states = hidden_states(self.model, x)
+                        info["first_nonfinite_layer"] = next(
+                            (l for l, h in enumerate(states) if not torch.isfinite(h).all()), None)
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    self.compute_gradients(x, y)
+                    self.clip_block_gradients()
+                    opt.step()
+        finally:
+            self.load_state_dict(replay)
+            del opt_state
+        if info["first_nonfinite_layer"] is None:
+            info["note"] = "the replayed step stayed finite (the run broke outside the forward pass)"
+        return info
+
+    def divergence(self) -> dict | None:
+        return self.divergence_info
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["lcredit"] = {"history": self.history, "config": self.run_config,
                                  "rule": self.name, "protocol_state": self.protocol_state,
-                                 "abort": self.abort_info, "frozen_baseline": self.frozen_baseline}
+                                 "abort": self.abort_info, "frozen_baseline": self.frozen_baseline,
+                                 "divergence": self.divergence_info}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("lcredit", {})
         self.history = list(state.get("history", []))
         self.protocol_state = dict(state.get("protocol_state") or {})
         self.abort_info = state.get("abort")
+        self.divergence_info = state.get("divergence")
+        if self.resume_aborted:
+            self.continue_after_abort()
+
+    def continue_after_abort(self) -> None:
+        """A resumed aborted run that trains on (its abort turned off) keeps the record: in the
+        history row of the abort epoch and in ``previous_aborts``."""
+        abort = self.abort_info
+        if not abort:
+            return
+        self.protocol_state.setdefault("previous_aborts", []).append(abort)
+        self.protocol_state["abort_streak"] = 0
+        for row in self.history:
+            if row.get("epoch") == abort.get("epoch"):
+                row["abort"] = abort
+        self.abort_info = None
 
     # ---------------------------------------------------------------- helpers
     @torch.no_grad()

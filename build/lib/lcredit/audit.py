@@ -1,0 +1,112 @@
+"""Post-hoc protocol audit of any checkpoint: ``python -m lcredit.audit ckpt=<path>``.
+
+Rebuilds the run's task, model and rule from the config saved in the checkpoint, restores the
+whole state strictly, and measures on the same fixed evaluation batches the run used, so the
+report equals the in-run one. A checkpoint without the state a rule's credit needs (its
+feedback matrices, say) is refused: substituting backprop's own gradient would report a
+perfect alignment of 1.0.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lcredit import baseline
+from lcredit.callbacks.protocol import evaluation_batches
+from lcredit.data import build_task
+from lcredit.diagnostics import Report, diagnose
+from lcredit.cli import quote_path_overrides
+from lcredit.config import read_checkpoint
+from lcredit.errors import ConfigError
+from lcredit.train import CONF_DIR, build_rule, fit_task, write_json
+
+
+def load_checkpoint(path) -> dict:
+    return read_checkpoint(path, "ckpt")
+
+
+def restore(ckpt: dict, data_root=None):
+    """The run's rule with the checkpoint's state, its task, and its config."""
+    cfg = OmegaConf.create(ckpt["lcredit"]["config"])
+    if data_root is not None:
+        with open_dict(cfg):
+            if "root" in cfg.data:
+                cfg.data.root = str(data_root)
+    task = fit_task(cfg, build_task(cfg.data))
+    torch.manual_seed(int(cfg.seed))
+    rule = build_rule(cfg, task)
+    state = ckpt["state_dict"]
+    expected = rule.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ConfigError(
+            f"refusing to audit: the checkpoint lacks state the {rule.name!r} rule needs for its "
+            f"credit: {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. lcredit will "
+            f"not substitute backprop's gradient (that would report a perfect alignment).")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ConfigError(f"refusing to audit: the checkpoint has state the {rule.name!r} rule "
+                          f"does not know: {', '.join(unexpected[:6])}")
+    rule.load_state_dict(state, strict=True)
+    rule.on_load_checkpoint(ckpt)
+    return rule, task, cfg
+
+
+def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> Report:
+    ckpt = load_checkpoint(ckpt_path)
+    rule, task, cfg = restore(ckpt, data_root)
+    p = cfg.protocol
+    history = rule.history
+    if not history:
+        raise ConfigError(f"ckpt={ckpt_path}: the run finished no epoch; nothing to audit")
+    epoch, headline = history[-1]["epoch"], history[-1].get("test_acc")
+    fb = ckpt["lcredit"].get("frozen_baseline")
+    if frozen_baseline is not None:
+        with open_dict(cfg):
+            cfg.protocol.frozen_baseline = frozen_baseline
+        fb = baseline.resolve(cfg, train_fn=_no_training)
+    measure = OmegaConf.to_container(p.measure, resolve=True)
+    eval_b, stab_b, rho_b = evaluation_batches(
+        task.x_train, task.y_train, int(p.eval_batches), int(p.stability_batches),
+        int(p.batch_size), int(p.seed), int(measure.get("rho_samples", 0)))
+    th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | dict(thresholds or {})
+    # first_fired from the run: the audit of the last state must not forget earlier firings.
+    first = (ckpt["lcredit"].get("protocol_state") or {}).get("first_fired")
+    return diagnose(None, eval_b, credit=rule, headline_acc=headline,
+                    frozen_baseline_acc=baseline.accuracy_at(fb, epoch, headline), thresholds=th,
+                    stability_batches=stab_b, rho_batches=rho_b, epoch=epoch,
+                    first_fired=first, seed=int(p.seed), **measure)
+
+
+def _no_training(cfg):
+    raise ConfigError("audit: frozen_baseline=auto would train a frozen run, and an audit only "
+                      "reads; give a number or a frozen run's results.json (e.g. from "
+                      "`python -m lcredit.train method=frozen ...`)")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")
+def main(cfg: DictConfig) -> None:
+    try:
+        if OmegaConf.is_missing(cfg, "ckpt"):
+            raise ConfigError("ckpt is required: python -m lcredit.audit "
+                              "ckpt=<run dir>/checkpoints/last.ckpt")
+        report = audit(cfg.ckpt, thresholds=cfg.thresholds, frozen_baseline=cfg.frozen_baseline,
+                       data_root=cfg.data_root)
+    except ConfigError as err:
+        print(f"lcredit.audit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    report.print()
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "audit.json", report.to_dict())
+    (out / "audit.md").write_text(report.to_markdown() + "\n" + report.template())
+    print(f"audit: {out / 'audit.json'}")
+
+
+if __name__ == "__main__":
+    quote_path_overrides()
+    main()

@@ -1,0 +1,164 @@
+"""Measure the protocol during training (``ProtocolMonitor``) and stop broken runs
+(``EarlyAbort``). Neither raises: a sweep always carries on to its next job."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lcredit.baseline import accuracy_at
+from lcredit.diagnostics import diagnose
+from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
+from lcredit.diagnostics.protocol import DEFAULT_THRESHOLDS, check_thresholds
+from lcredit.errors import ConfigError
+
+log = logging.getLogger("lcredit")
+
+LAYER_METRICS = ("gamma", "null_gamma", "null_gamma_std", "rho", "hidden_norm", "bp_grad_norm",
+                 "gamma_flat", "nudge", "costate_cosine")
+
+
+def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_size: int,
+                       seed: int = 0, rho_samples: int = 0):
+    """The fixed evaluation batches: (metrics, stability (c), rho's pool) — the same training
+    samples at every measurement and in a post-hoc audit, a function of the data and ``seed``
+    only. rho pools ``rho_samples`` samples from as many of these batches as that takes, so its
+    sample count does not depend on the batch size that (b) and (c) use."""
+    rho_batches = -(-int(rho_samples) // batch_size)
+    n = min(len(x), max(eval_batches, stability_batches, rho_batches) * batch_size)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    order = order.to(x.device)
+    batches = [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
+               for i in range(0, n, batch_size)]
+    return batches[:eval_batches], batches[:stability_batches], batches[:max(rho_batches, 1)]
+
+
+class ProtocolMonitor(Callback):
+    """Measures every ``every_n_epochs`` epochs and after the last one, on fixed batches drawn
+    from the training set; writes each report into the run's history and its loggers."""
+
+    def __init__(self, every_n_epochs: int = 5, eval_batches: int = 4,
+                 stability_batches: int = 10, batch_size: int = 128, seed: int = 0,
+                 thresholds: dict | None = None, measure: dict | None = None,
+                 print_report: bool = True):
+        if every_n_epochs < 1:
+            raise ConfigError(f"protocol.every_n_epochs={every_n_epochs} must be >= 1")
+        if eval_batches < 1 or stability_batches < 2 or batch_size < 1:
+            raise ConfigError("protocol: eval_batches >= 1, stability_batches >= 2 and "
+                              "batch_size >= 1 are needed")
+        self.every = int(every_n_epochs)
+        self.n_eval, self.n_stab, self.batch_size = int(eval_batches), int(stability_batches), int(batch_size)
+        self.seed = int(seed)
+        self.thresholds = check_thresholds(dict(thresholds or {}))
+        self.measure_opts = dict(measure or {})
+        self.print_report = print_report
+        self.frozen_baseline: dict | None = None  # set by train(): {"final_acc", "history_acc"}
+        self._batches = None
+
+    # ----------------------------------------------------------------- data
+    def batches(self, trainer):
+        if self._batches is None:
+            loader = trainer.train_dataloader
+            if not hasattr(loader, "x"):
+                raise ConfigError("protocol: the training data must be lcredit DeviceBatches")
+            self._batches = evaluation_batches(
+                loader.x, loader.y, self.n_eval, self.n_stab, self.batch_size, self.seed,
+                int(self.measure_opts.get("rho_samples", MEASURE_DEFAULTS["rho_samples"])))
+        return self._batches
+
+    # ----------------------------------------------------------------- schedule
+    def due(self, trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return epoch % self.every == 0 or last or trainer.should_stop
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not pl_module.history or not self.due(trainer):
+            return
+        row = pl_module.history[-1]
+        if not math.isfinite(row.get("train_loss", math.nan)):
+            return  # a diverged run has nothing left to measure
+        report = self.run(trainer, pl_module, row["epoch"], row.get("test_acc"))
+        for cb in trainer.callbacks:
+            if isinstance(cb, EarlyAbort):
+                cb.consider(trainer, pl_module, report)
+
+    def run(self, trainer, pl_module, epoch, headline_acc):
+        t0 = time.perf_counter()
+        eval_b, stab_b, rho_b = self.batches(trainer)
+        state = pl_module.protocol_state
+        report = diagnose(None, eval_b, credit=pl_module, headline_acc=headline_acc,
+                          frozen_baseline_acc=accuracy_at(self.frozen_baseline, epoch, headline_acc),
+                          thresholds=self.thresholds, stability_batches=stab_b, rho_batches=rho_b,
+                          epoch=epoch, first_fired=state.get("first_fired"),
+                          seed=self.seed, **self.measure_opts)
+        state["first_fired"] = {k: d["first_fired_epoch"] for k, d in report.diagnostics.items()}
+        state["last"] = report.to_dict()
+        state.setdefault("measured_epochs", []).append(epoch)
+        pl_module.history[-1]["protocol"] = compact(report)
+        self.log_report(trainer, report)
+        # What the protocol cost this run (the bench script checks it against the 5% budget).
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
+        return report
+
+    def log_report(self, trainer, report):
+        metrics = {}
+        for r in report.layers:
+            for m in LAYER_METRICS:
+                if m in r and r[m] is not None:
+                    metrics[f"diag/{m}/l{r['layer']}"] = float(r[m])
+        for k, v in report.aggregates.items():
+            metrics[f"diag/{k}"] = float(v)
+        for k, d in report.diagnostics.items():
+            if d["value"] is not None:
+                metrics[f"protocol/{k}"] = float(d["value"])
+            metrics[f"protocol/{k}_fired"] = float(d["fired"])
+        metrics["protocol/trustworthy"] = float(report.verdict == "trustworthy")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def compact(report) -> dict:
+    """What a history row keeps of a measurement (the full report goes to results.json once)."""
+    return {"verdict": report.verdict, "reasons": report.reasons, "submode": report.submode,
+            "diagnostics": {k: {"value": d["value"], "fired": d["fired"]}
+                            for k, d in report.diagnostics.items()},
+            "aggregates": report.aggregates,
+            "layers": [{m: r.get(m) for m in ("layer",) + LAYER_METRICS if m in r}
+                       for r in report.layers]}
+
+
+class EarlyAbort(Callback):
+    """Stops training when any ``monitor`` diagnostic has fired on ``patience`` consecutive
+    measurements at or after ``min_epochs``; records when, why and the compute saved."""
+
+    def __init__(self, monitor=("a", "b"), min_epochs: int = 1, patience: int = 1):
+        bad = [m for m in monitor if m not in DEFAULT_THRESHOLDS]
+        if bad:
+            raise ConfigError(f"protocol.abort.monitor: unknown diagnostic(s) {bad}; ids: a b c d")
+        if patience < 1:
+            raise ConfigError(f"protocol.abort.patience={patience} must be >= 1")
+        self.monitor, self.min_epochs, self.patience = tuple(monitor), int(min_epochs), int(patience)
+
+    def consider(self, trainer, pl_module, report):
+        state = pl_module.protocol_state
+        fired = [k for k in self.monitor if report.diagnostics[k]["fired"]]
+        state["abort_streak"] = state.get("abort_streak", 0) + 1 if fired else 0
+        if not fired or report.epoch < self.min_epochs or state["abort_streak"] < self.patience:
+            return
+        epochs_total = trainer.max_epochs or report.epoch
+        times = [r["train_time_s"] for r in pl_module.history]
+        saved = max(0, epochs_total - report.epoch)
+        pl_module.abort_info = {
+            "epoch": report.epoch, "diagnostics": fired,
+            "reasons": [r for r in report.reasons if r[1] in fired],
+            "epochs_planned": epochs_total, "epochs_saved": saved,
+            "fraction_saved": saved / epochs_total if epochs_total else 0.0,
+            "est_seconds_saved": saved * (sum(times) / len(times)) if times else None,
+        }
+        log.warning("protocol: aborting at epoch %d: %s (saves %d of %d epochs)", report.epoch,
+                    "; ".join(pl_module.abort_info["reasons"]), saved, epochs_total)
+        trainer.should_stop = True

@@ -1,0 +1,310 @@
+"""Measure every per-layer metric of SPEC §4 for one model and one credit source."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+
+import torch
+
+from lcredit.diagnostics import metrics as M
+from lcredit.models.base import exact_credit, hidden_states
+from lcredit.rules.base import local_update_gradients
+
+# SPEC §4: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
+# takes), null_gamma from 20 fresh feedback draws.
+DEFAULTS = dict(rho_samples=1024, rho_directions=32, rho_eps=1e-3, nudge_step=1e-2,
+                null_draws=20, seed=0)
+
+
+def measuring_copy(obj, dtype=torch.float64):
+    """An eval-mode deep copy of a model or rule in ``dtype`` (a rule's Trainer is not copied)."""
+    trainer = getattr(obj, "_trainer", None)
+    if trainer is not None:
+        obj._trainer = None
+    try:
+        clone = copy.deepcopy(obj)
+    finally:
+        if trainer is not None:
+            obj._trainer = trainer
+    return clone.to(dtype).eval()
+
+
+def _is_rule(obj) -> bool:
+    return hasattr(obj, "credit") and hasattr(obj, "model") and hasattr(obj, "compute_gradients")
+
+
+def fresh_feedback_copies(rule, draws: int, generator: torch.Generator):
+    """Copies of ``rule`` with its fixed random feedback redrawn (``draw_feedback``): what
+    alignment looks like by chance. None for a rule whose credit is not its feedback (a learned
+    estimator keeps DFA's feedback only as a fallback): it gets a DFA null."""
+    if not hasattr(rule, "draw_feedback") or not getattr(rule, "credit_is_feedback", True):
+        return None
+    out = []
+    for _ in range(draws):
+        c = copy.deepcopy(rule)
+        c.draw_feedback(generator)
+        out.append(c)
+    return out
+
+
+def dfa_null(model, x, y, states, loss_fn, generator):
+    with torch.enable_grad():
+        logits = model.readout(states[-1]).detach().requires_grad_(True)
+        e = torch.autograd.grad(loss_fn(logits, y).sum(), logits)[0]
+    out = []
+    for h in states:
+        dim = h[0].numel()
+        B = torch.randn(e.shape[1], dim, generator=generator, dtype=torch.float64) / dim**0.5
+        out.append((e.double() @ B.to(e.device)).view_as(h))
+    return out
+
+
+def block_update_directions(source, model, batches, loss_fn):
+    """Per-block parameter-gradient vectors of the rule's update on each batch."""
+    vecs = []
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        if _is_rule(source):
+            source.aux_training = False  # a measuring copy: no step of its estimator
+            with torch.enable_grad():
+                source.compute_gradients(x, y)
+        else:  # the shared block-local surrogate with the function's credit
+            params = [q for b in model.blocks for q in b.parameters()]
+            grads = local_update_gradients(model, x, source(model, x, y), params)
+            for q, g in zip(params, grads):
+                q.grad = g
+        per_block = []
+        for block in model.blocks:
+            gs = [p.grad.flatten() for p in block.parameters() if p.grad is not None]
+            per_block.append(torch.cat(gs) if gs else None)
+        vecs.append(per_block)
+        model.zero_grad(set_to_none=True)
+    return vecs
+
+
+def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
+            stability_batches=None, rho_batches=None, **opts) -> dict:
+    """All per-layer metrics, aggregates and the raw values the protocol judges.
+
+    ``model``: any module with embed / blocks / readout. ``batches``: list of (x, y).
+    ``credit``: a rule (anything with ``credit(x, y)``, ``model``, ``compute_gradients``), a
+    function ``fn(model, x, y) -> [a_0..a_L]`` called with the float64 copy, or None.
+    ``costate``: optional ``fn(model, x, y) -> [p_0..p_L]``, a task's exact adjoint.
+    ``rho_batches``: where rho pools its ``rho_samples`` from (default: ``batches``); fewer
+    samples than asked for are used as they are and said so in the notes, never silently.
+    """
+    o = DEFAULTS | opts
+    if loss_fn is None:  # a rule knows its task's loss (cross-entropy, or lq's quadratic cost)
+        loss_fn = credit.per_sample_loss if _is_rule(credit) else M.ce_per_sample
+    if costate is None and _is_rule(credit):
+        costate = getattr(credit, "costate", None)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("diagnose: no evaluation batches given")
+    source = measuring_copy(credit) if _is_rule(credit) else credit
+    net = source.model if _is_rule(source) else measuring_copy(model)
+    # (c) compares update directions, not credit against a gradient: float32 is ample there
+    # and halves its cost (it runs the rule's full update K times).
+    orig = next((credit.model if _is_rule(credit) else model).parameters()).dtype
+    sdt = torch.float64 if orig == torch.float64 else torch.float32
+    stab_source = measuring_copy(credit, sdt) if _is_rule(credit) else credit
+    stab_net = stab_source.model if _is_rule(stab_source) else measuring_copy(model, sdt)
+    gen = torch.Generator().manual_seed(int(o["seed"]))
+    dev = next(net.parameters()).device
+    batches = [(x.to(dev).double(), y.to(dev)) for x, y in batches]
+    rho_batches = batches if rho_batches is None else [(x.to(dev).double(), y.to(dev))
+                                                       for x, y in rho_batches]
+    nulls = fresh_feedback_copies(source, o["null_draws"], gen) if _is_rule(source) else None
+
+    # Never under an outer autocast: the diagnostics are float64 whatever the training runs in.
+    ac = torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu") else contextlib.nullcontext()
+    with ac:
+        return _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
+                        stab_source, stab_net, rho_batches)
+
+
+def pooled_rho(net, source, batches, loss_fn, gen, samples: int, directions: int, eps: float):
+    """rho_l for every layer from ``samples`` samples x ``directions`` directions, pooled over
+    as many of ``batches`` as it takes (one Pearson correlation over all the pairs). Returns
+    ([(rho, its jackknife standard error) per layer], samples used)."""
+    pairs, used = None, 0
+    for x, y in batches:
+        if used >= samples:
+            break
+        k = min(samples - used, len(y))
+        x, y = x[:k], y[:k]
+        states = [h.detach() for h in hidden_states_nograd(net, x)]
+        credits = source.credit(x, y) if _is_rule(source) else source(net, x, y)
+        got = [M.perturbation_pairs(net, l, states[l], credits[l], y, directions=directions,
+                                    eps=eps, generator=gen, loss_fn=loss_fn)
+               for l in range(len(states))]
+        pairs = got if pairs is None else [(torch.cat([p[0], g[0]], 1), torch.cat([p[1], g[1]], 1))
+                                           for p, g in zip(pairs, got)]
+        used += k
+    return [M.pearson_jackknife(*p) for p in pairs], used
+
+
+def hidden_states_nograd(net, x):
+    with torch.no_grad():
+        return hidden_states(net, x)
+
+
+def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
+             stab_source=None, stab_net=None, rho_batches=None):
+    depth = len(net.blocks)
+    n_layers = depth + 1
+    acc = {k: [[] for _ in range(n_layers)] for k in
+           ("norm", "gnorm", "cos", "null", "costate")}
+    flat = [[] for _ in range(n_layers)]
+    missing = [0] * n_layers
+    rho = nudge = None
+    nonfinite = [0] * n_layers  # samples whose h_l or g_l is not finite (a diverged model)
+    for bi, (x, y) in enumerate(batches):
+        states, grads = exact_credit(net, x, y, lambda o, t: loss_fn(o, t).mean())
+        n = x.shape[0]
+        for l in range(n_layers):
+            bad = ~(torch.isfinite(states[l].flatten(1)).all(1) & torch.isfinite(grads[l].flatten(1)).all(1))
+            nonfinite[l] += int(bad.sum())
+        for l in range(n_layers):
+            acc["norm"][l].append(M.row_norms(states[l]))
+            acc["gnorm"][l].append(M.row_norms(grads[l]) / n)  # batch-mean CE, as in training
+        if source is None:
+            continue
+        credits = source.credit(x, y) if _is_rule(source) else source(net, x, y)
+        if len(credits) != n_layers:
+            raise ValueError(f"diagnose: credit gave {len(credits)} tensors for {n_layers} "
+                             f"hidden states h_0..h_{depth}")
+        for l in range(n_layers):
+            cos, miss = M.row_cosines(credits[l], grads[l])
+            acc["cos"][l].append(cos)
+            missing[l] += miss
+            flat[l].append((credits[l].detach().double().flatten(), grads[l].double().flatten()))
+        if bi == 0:  # the chance level needs no more than one batch per draw
+            null_sets = ([c.credit(x, y) for c in nulls] if nulls is not None else
+                         [dfa_null(net, x, y, states, loss_fn, gen)
+                          for _ in range(o["null_draws"])])
+            for l in range(n_layers):
+                acc["null"][l].append(torch.stack([M.row_cosines(ns[l], grads[l])[0]
+                                                   for ns in null_sets]))
+        if costate is not None:
+            exact = costate(net, x, y)
+            for l in range(n_layers):
+                acc["costate"][l].append(M.row_cosines(credits[l], exact[l])[0])
+        if bi == 0:
+            nudge = [M.nudge(net, l, states[l], credits[l], y, step=o["nudge_step"],
+                             loss_fn=loss_fn) for l in range(n_layers)]
+    rho_used = 0
+    if source is not None:
+        rho, rho_used = pooled_rho(net, source, rho_batches or batches, loss_fn, gen,
+                                   int(o["rho_samples"]), int(o["rho_directions"]),
+                                   float(o["rho_eps"]))
+
+    layers = []
+    for l in range(n_layers):
+        row = {"layer": l,
+               "hidden_norm": float(torch.cat(acc["norm"][l]).mean()),
+               "bp_grad_norm": float(torch.cat(acc["gnorm"][l]).mean())}
+        if source is not None:
+            cos = torch.cat(acc["cos"][l])
+            row["gamma"] = _nanmean(cos)
+            row["gamma_missing"] = missing[l]
+            a = torch.cat([f[0] for f in flat[l]])
+            g = torch.cat([f[1] for f in flat[l]])
+            row["gamma_flat"] = M.flat_cosine(a, g)
+            row["rho"], row["rho_se"] = rho[l]
+            row["nudge"] = nudge[l]
+            nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
+            per_draw = [v for v in (_nanmean(d) for d in nulls_l) if math.isfinite(v)]
+            row["null_gamma"] = statistics.fmean(per_draw) if per_draw else math.nan
+            row["null_gamma_std"] = statistics.stdev(per_draw) if len(per_draw) > 1 else math.nan
+            if acc["costate"][l]:
+                row["costate_cosine"] = _nanmean(torch.cat(acc["costate"][l]))
+        layers.append(row)
+
+    out = {"layers": layers, "depth": depth, "n_samples": sum(len(y) for _, y in batches),
+           "notes": []}
+    for l, bad in enumerate(nonfinite):
+        if bad:
+            layers[l]["missing"] = (f"h_{l} or its gradient is not finite in {bad} of "
+                                    f"{out['n_samples']} samples")
+            out["notes"].append(f"layer {l}: {layers[l]['missing']}; its metrics are missing "
+                                f"(a diverged model has no credit to measure)")
+    if source is not None:
+        out["rho_samples"], out["rho_directions"] = rho_used, int(o["rho_directions"])
+        out["null_draws"] = len(nulls) if nulls is not None else int(o["null_draws"])
+        if rho_used < int(o["rho_samples"]):
+            out["notes"].append(f"rho: pooled {rho_used} of the {int(o['rho_samples'])} samples "
+                                f"asked for (x {int(o['rho_directions'])} directions): the "
+                                f"evaluation batches hold no more")
+    norms = [r["hidden_norm"] for r in layers]
+    ratios = [norms[l + 1] / norms[l] if norms[l] > M.TINY else math.inf for l in range(depth)]
+    out["residual_growth"] = max(ratios) if ratios else math.nan
+    out["residual_growth_per_block"] = ratios
+    out["bp_grad_norm_top"] = layers[-1]["bp_grad_norm"]
+    if source is not None:
+        out["aggregates"] = aggregates(layers)
+        for r in layers:
+            if r["gamma_missing"]:
+                out["notes"].append(
+                    f"gamma_l{r['layer']}: {r['gamma_missing']} of {out['n_samples']} samples "
+                    f"missing (credit or gradient norm zero, underflowed or not finite)")
+            if math.isnan(r["gamma"]):
+                out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms finite and "
+                                    f"above {M.TINY:g}")
+        sb = stability_batches if stability_batches is not None else batches
+        out["stability"] = stability(stab_source, stab_net, sb, loss_fn)
+        if math.isnan(out["stability"]["value"]):
+            out["notes"].append("direction stability: the rule made no block update")
+    else:
+        out["aggregates"] = {}
+        out["stability"] = {"value": math.nan, "per_block": [], "k": 0}
+    return out
+
+
+def stability(source, net, batches, loss_fn) -> dict:
+    p = next(net.parameters())
+    batches = [(x.to(p.device, p.dtype), y.to(p.device)) for x, y in batches]
+    if len(batches) < 2:
+        return {"value": math.nan, "per_block": [], "k": len(batches)}
+    vecs = block_update_directions(source, net, batches, loss_fn)
+    per_block = []
+    for l in range(len(net.blocks)):
+        vs = [v[l] for v in vecs if v[l] is not None]
+        per_block.append(M.pairwise_mean_cosine(vs) if len(vs) > 1 else math.nan)
+    whole = [torch.cat([b for b in v if b is not None]) for v in vecs
+             if any(b is not None for b in v)]
+    value = M.pairwise_mean_cosine(whole) if len(whole) > 1 else math.nan
+    return {"value": value, "per_block": per_block, "k": len(batches),
+            "batch_size": len(batches[0][1])}
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    t = t.double()
+    ok = ~torch.isnan(t)
+    return float(t[ok].mean()) if ok.any() else math.nan
+
+
+def aggregates(layers: list[dict]) -> dict:
+    L = len(layers) - 1
+    deep = [r for r in layers if r["layer"] >= 1]
+    hidden = [r for r in layers if 1 <= r["layer"] <= L - 1]
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def median(rows, key):
+        vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return statistics.median(vals) if vals else math.nan
+
+    # gamma_hidden first: the layers no rule receives exact credit for (SPEC §4)
+    agg = {"gamma_hidden": mean(hidden, "gamma"), "gamma_0": layers[0]["gamma"],
+           "gamma_deep": mean(deep, "gamma"), "gamma_deep_median": median(deep, "gamma"),
+           "gamma_flat_deep": mean(deep, "gamma_flat"), "rho_0": layers[0]["rho"],
+           "rho_deep": mean(deep, "rho"), "nudge_deep": mean(deep, "nudge"),
+           "null_gamma_deep": mean(deep, "null_gamma")}
+    if "costate_cosine" in layers[0]:
+        agg["costate_cosine_deep"] = mean(deep, "costate_cosine")
+    return agg

@@ -1,0 +1,76 @@
+import contextlib
+
+import torch
+from torch import nn
+
+
+class BlockModel(nn.Module):
+    """``readout(blocks[L-1](...blocks[0](embed(x))))`` with the hidden states exposed.
+
+    Subclasses set ``self.embed`` (module), ``self.blocks`` (``nn.ModuleList``) and
+    ``self.readout`` (module). A block may set ``residual = True`` when its output is
+    ``h + f(h)``; the penalty of SPEC §3 is then taken on ``f`` alone.
+    """
+
+    embed: nn.Module
+    blocks: nn.ModuleList
+    readout: nn.Module
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return hidden_states(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(hidden_states(self, x)[-1])
+
+
+# Rules and diagnostics call these, not methods, so any module with embed / blocks / readout
+# works with them (SPEC §6: the Python API needs nothing else of a model).
+def run_blocks(model, h: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+    """[h_start, ..., h_L]: the blocks from ``start`` on, applied to ``h`` = h_start."""
+    hs = [h]
+    for block in list(model.blocks)[start:]:
+        h = block(h)
+        hs.append(h)
+    return hs
+
+
+def hidden_states(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states h_0 .. h_L (connected in one autograd graph)."""
+    return run_blocks(model, model.embed(x))
+
+
+def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
+    """States h_l and backprop's per-sample credit B * dLoss/dh_l, where ``loss_fn(logits, y)``
+    is the batch-mean task loss (the reference every rule is measured against)."""
+    with torch.enable_grad():
+        hs = hidden_states(model, x)
+        loss = loss_fn(model.readout(hs[-1]), y)
+        grads = torch.autograd.grad(loss * x.shape[0], hs)
+    return [h.detach() for h in hs], [g.detach() for g in grads]
+
+
+def block_branch(block: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """f_l(h_l): the residual branch of a residual block, else its whole output."""
+    return h_out - h_in if getattr(block, "residual", False) else h_out
+
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: nn.Module):
+    """Run extra forward passes (a relaxation, perturbed copies of a batch) on copies of every
+    buffer, then put the originals back: BatchNorm in train mode would otherwise fold each pass
+    into its running statistics. The originals are swapped, never written in place: the
+    training pass's graph may have saved them."""
+    originals = [(m, name, b) for m in module.modules()
+                 for name, b in m.named_buffers(recurse=False)]
+    for m, name, b in originals:
+        setattr(m, name, b.clone())
+    try:
+        yield
+    finally:
+        for m, name, b in originals:
+            setattr(m, name, b)

@@ -1,0 +1,69 @@
+import math
+
+import torch
+from torch import nn
+
+from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.models.base import BlockModel
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+
+class ResMLPBlock(nn.Module):
+    """``h + W2 act(W1 LN(h))`` (pre-LN); without ``residual`` just the branch."""
+
+    def __init__(self, d: int, hidden: int, act: str, residual: bool, block_ln: bool, w2_std):
+        super().__init__()
+        self.residual = residual
+        self.ln = nn.LayerNorm(d) if block_ln else nn.Identity()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, d)
+        if w2_std is not None:
+            nn.init.normal_(self.fc2.weight, std=float(w2_std))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        f = self.fc2(self.act(self.fc1(self.ln(h))))
+        return h + f if self.residual else f
+
+
+class Readout(nn.Module):
+    def __init__(self, d: int, num_classes: int, out_ln: bool):
+        super().__init__()
+        self.ln = nn.LayerNorm(d) if out_ln else nn.Identity()
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(h))
+
+
+class ResMLP(BlockModel):
+    """Flattened input → Linear(d) → L pre-LN residual MLP blocks → [LayerNorm] → Linear head."""
+
+    def __init__(
+        self,
+        input_shape,
+        num_classes: int,
+        d: int = 256,
+        depth: int = 4,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        out_ln: bool = True,
+        residual: bool = True,
+        block_ln: bool = True,
+        w2_std=None,
+    ):
+        super().__init__()
+        check_range("model.d", d, 1, integer=True)
+        check_range("model.depth", depth, 1, integer=True)
+        check_range("model.mlp_ratio", mlp_ratio, 0, lo_open=True)
+        check_choice("model.act", act, ACTIVATIONS)
+        if w2_std is not None and float(w2_std) < 0:
+            raise ConfigError(f"model.w2_std={w2_std!r} must be >= 0 (or null for the default init)")
+        in_features = math.prod(input_shape)
+        hidden = max(1, round(d * mlp_ratio))
+        self.embed = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, d))
+        self.blocks = nn.ModuleList(
+            ResMLPBlock(d, hidden, act, residual, block_ln, w2_std) for _ in range(depth)
+        )
+        self.readout = Readout(d, num_classes, out_ln)

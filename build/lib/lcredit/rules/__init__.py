@@ -1,0 +1,14 @@
+"""Learning rules: one module per rule; the shared block-local update is in ``base``."""
+from lcredit.rules.base import Pass, Rule, exact_gradients
+from lcredit.rules.blend import Blend
+from lcredit.rules.bp import BP
+from lcredit.rules.cb import CB
+from lcredit.rules.dfa import DFA
+from lcredit.rules.ep import EP
+from lcredit.rules.fa import FA
+from lcredit.rules.frozen import Frozen
+from lcredit.rules.sb import SB
+from lcredit.rules.vec import VEC
+
+__all__ = ["BP", "Blend", "CB", "DFA", "EP", "FA", "Frozen", "Pass", "Rule", "SB", "VEC",
+           "exact_gradients"]

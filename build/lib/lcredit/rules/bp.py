@@ -1,0 +1,22 @@
+"""End-to-end backpropagation: the reference every other rule is measured against."""
+from lcredit.models.base import exact_credit, hidden_states
+from lcredit.rules.base import Rule
+
+
+class BP(Rule):
+    name = "bp"
+
+    def compute_gradients(self, x, y):
+        hs = hidden_states(self.model, x)
+        logits = self.model.readout(hs[-1])
+        loss = self.task_loss(logits, y)
+        total = loss
+        if self.penalty_lam > 0:
+            total = loss + self.penalty(self.model.blocks, hs[:-1], hs[1:])
+        # Plain backward, like every other rule: precision plugins that need Lightning's
+        # manual_backward (fp16 loss scaling) are refused at config time.
+        total.backward()
+        return loss.detach(), logits.detach()
+
+    def credit(self, x, y):
+        return exact_credit(self.model, x, y, self.task_loss)[1]

@@ -1,0 +1,41 @@
+"""Direct feedback alignment (Nøkland 2016): a_l = e · B_l with fixed random B_l."""
+import torch
+
+from lcredit.errors import check_range
+from lcredit.rules.base import Rule
+
+
+class DFA(Rule):
+    name = "dfa"
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
+                 feedback_std=None):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
+        if feedback_std is not None:
+            check_range("method.feedback_std", feedback_std, 0.0, lo_open=True)
+        self.feedback_std = feedback_std
+        for l in range(len(self.state_shapes)):
+            self.register_buffer(f"feedback_{l}", torch.empty(self.num_classes, self.state_dim(l)))
+        self.draw_feedback()
+
+    @torch.no_grad()
+    def draw_feedback(self, generator=None):
+        """(Re)draw every B_l; diagnostics call it on a copy for the chance level (null_gamma)."""
+        for l in range(len(self.state_shapes)):
+            buf = self.feedback(l)
+            # std 1/sqrt(dim(h_l)) keeps ||a_l|| close to ||e|| whatever the width.
+            std = self.feedback_std if self.feedback_std is not None else buf.shape[1] ** -0.5
+            buf.copy_(torch.randn(buf.shape, generator=generator) * std)
+
+    def feedback(self, l: int) -> torch.Tensor:
+        return getattr(self, f"feedback_{l}")
+
+    def dfa_credit(self, l, p):
+        e = p.error
+        return (e @ self.feedback(l).to(e.dtype)).view(-1, *self.state_shapes[l])
+
+    def top_credit(self, p):
+        return self.dfa_credit(len(self.state_shapes) - 1, p)
+
+    def layer_credit(self, l, p, vjp):
+        return self.dfa_credit(l, p)

@@ -1,0 +1,119 @@
+"""Direct vector credit field: a network that outputs the credit itself, trained on
+finite-difference directional derivatives of the forward loss (SPEC §3)."""
+import torch
+
+from lcredit.errors import check_choice, check_range
+from lcredit.models.base import preserved_buffers, run_blocks
+from lcredit.rules.base import Pass, at_least_fp32, no_autocast
+from lcredit.rules.estimator import FIELDS, SCALES, CreditNet, Estimator, relative_sq, unit_directions
+
+
+def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
+    """delta_u = (Lfwd(h + eps u) - Lfwd(h - eps u)) / (2 eps) for directions ``u`` (M, *h.shape);
+    one-sided: (Lfwd(h + eps u) - Lfwd(h)) / eps. Lfwd runs the rest of the network *forward*
+    from layer l: no backward pass. ``eps``: a number or one step per sample. Returns (M, B)."""
+    m, n = u.shape[0], h.shape[0]
+    ys = y.repeat(m, *([1] * (y.ndim - 1)))
+    eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device).expand(n)
+    step = eps.view(1, n, *([1] * (h.ndim - 1)))
+
+    def lfwd(states, labels):
+        return loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), labels)
+
+    with torch.no_grad(), preserved_buffers(model), no_autocast(h.device):
+        plus = lfwd((h[None] + step * u).flatten(0, 1), ys).view(m, n)
+        if one_sided:
+            return (plus - lfwd(h, y)[None]) / eps
+        minus = lfwd((h[None] - step * u).flatten(0, 1), ys).view(m, n)
+        return (plus - minus) / (2 * eps)
+
+
+class VEC(Estimator):
+    """Defaults are SPEC's form (the original study's): an absolute finite-difference step,
+    the unscaled loss sum_u (<A, u> - delta_u)^2 (+ the unscaled terminal term), a plain
+    concatenation MLP for A. lcredit's switches, each measured in the README's ladder table:
+    ``eps_scale: relative``, ``loss_scale: relative``, ``field: gated``, ``credit_norm: batch``;
+    ``method=vec_gated`` sets them all."""
+
+    name = "vec"
+    ORIGINAL = Estimator.ORIGINAL | {"eps_scale": "absolute", "loss_scale": "absolute",
+                                     "field": "concat"}
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
+                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
+                 hL_dim=32, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
+                 terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
+                 field="concat"):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
+                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
+                         periodic_refit, topdown, hL_dim)
+        check_range("method.M", M, 1, integer=True)
+        check_range("method.eps", eps, 0.0, lo_open=True)
+        check_choice("method.eps_scale", eps_scale, SCALES)
+        check_range("method.terminal_weight", terminal_weight, 0.0)
+        check_choice("method.loss_scale", loss_scale, SCALES)
+        check_choice("method.field", field, FIELDS)
+        self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
+        self.eps_scale, self.loss_scale, self.field_form = eps_scale, loss_scale, field
+        self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
+        self.field = self.make_field()
+
+    def make_field(self, inputs="full"):
+        return CreditNet(self.dims, self.cond_dim(), self.width, out="vector", inputs=inputs,
+                         form=self.field_form)
+
+    def field_output(self, l, h, s):
+        return self.field(at_least_fp32(h), l, s)
+
+    def estimator_credit(self, l, p: Pass):
+        return self.field_output(l, p.states[l].detach(), self.condition(p))
+
+    def estimator_loss(self, p: Pass):
+        return self.field_loss(p, self.condition(p), self.field_output)
+
+    def step(self, h: torch.Tensor):
+        """The finite-difference step: ``eps``, or (relative) ``eps * ||h||`` per sample. An
+        absolute step on a residual stream grown to norm ~1e4 changes the loss by less than
+        float32 can resolve: the targets would be rounding noise."""
+        if self.eps_scale == "absolute":
+            return self.eps
+        return self.eps * h.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+    def sq_error(self, err: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+        """The squared error summed over all entries and divided by the batch size ``n``
+        (``absolute``), or relative to the target's own size over the batch (``relative``)."""
+        if self.loss_scale == "relative":
+            return relative_sq(err, target)
+        return err.pow(2).sum() / n
+
+    def field_loss(self, p: Pass, s, output, shuffle=None):
+        """Per layer l = 0..L, sum_u (<A, u> - delta_u)^2, plus the terminal term
+        ``terminal_weight`` ||A(h_L) - g_L||^2 (output-local); mean over the batch.
+
+        (dim/M) sum_u (<A, u> - delta_u)^2 is an unbiased estimate of ||A - g||^2 up to the
+        finite-difference error. ``loss_scale: relative`` takes each term relative to its
+        targets' own size, which keeps the field learning at the same pace when the gradients
+        shrink by orders of magnitude (a growing residual stream behind a LayerNorm), instead
+        of letting the loss vanish with them."""
+        shuffle = self.shuffle_targets if shuffle is None else shuffle
+        gen = self.generator(p.states[0].device)
+        depth = len(p.states) - 1
+        total = 0.0
+        for l in range(depth + 1):  # at l = L, Lfwd is the readout alone
+            h = at_least_fp32(p.states[l].detach())
+            u = unit_directions(self.M, h, gen)
+            target = directional_targets(self.model, l, h, p.y, u, self.step(h),
+                                         self.per_sample_loss, self.one_sided)
+            if shuffle:  # control: each sample is trained toward another sample's targets
+                target = target[:, torch.randperm(h.shape[0], generator=gen, device=h.device)]
+            a = output(l, h, s)
+            pred = (a[None] * u).flatten(2).sum(2)
+            total = total + self.sq_error(pred - target, target, h.shape[0])
+        if self.terminal_weight > 0:
+            a_top = output(depth, p.states[-1].detach(), s)
+            g = at_least_fp32(p.g_top)
+            if shuffle:  # the control gets no sample's own gradient anywhere, h_L included
+                g = g[torch.randperm(g.shape[0], generator=gen, device=g.device)]
+            total = total + self.terminal_weight * self.sq_error(a_top - g, g, g.shape[0])
+        return total

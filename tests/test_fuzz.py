@@ -1,0 +1,83 @@
+"""Random override combinations, valid and invalid, for every option of every group: each run
+either builds and takes a training step, or stops with one ConfigError line (the CLI's
+`lcredit: error:` and exit 2) — never a traceback from inside torch, Lightning or Hydra."""
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from lcredit.errors import ConfigError
+from lcredit.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+MODELS = ["resmlp", "student", "linear_resmlp"]
+# each task at a small size (the fuzzed overrides come after and may change it)
+DATA = {"ladder_lowdim": ["data.n_train=256", "data.n_test=128"],
+        "ladder": ["data.n_train=256", "data.n_test=128"], "digits": [], "lq": []}
+
+
+def options(group: str, name: str) -> list[str]:
+    node = OmegaConf.load(CONF / group / f"{name}.yaml")
+    keys = [k for k in node if not str(k).startswith("_") and k != "defaults"]
+    for parent in node.get("defaults", []) or []:  # a preset: its base's options too
+        if isinstance(parent, str) and parent != "_self_":
+            keys += options(group, parent)
+    return sorted(set(keys))
+
+
+GLOBAL = ["seed", "block_grad_clip", "optim.lr", "optim.weight_decay", "trainer.max_epochs",
+          "protocol.every_n_epochs", "protocol.eval_batches", "protocol.stability_batches",
+          "protocol.batch_size", "protocol.thresholds.a", "protocol.thresholds.b",
+          "protocol.thresholds.c", "protocol.thresholds.d", "protocol.measure.rho_samples",
+          "protocol.measure.rho_directions", "protocol.measure.null_draws",
+          "protocol.abort.min_epochs", "protocol.abort.patience", "data.batch_size",
+          "data.random_targets"]
+# values of every kind: sensible, boundary, wrong type, wrong sign, out of range
+VALUES = st.one_of(st.integers(-2, 4), st.sampled_from([0.0, 0.5, 1e-3, -0.5, 1.5, 64, 1e9]),
+                   st.sampled_from(["abc", "true", "false", "null", "[1,2]", "[]", "''", "-1e-9",
+                                    "gated", "relative", "skip", "input", "batch", "eT_hL",
+                                    "sweep", "gd", "displacement", "layerwise", "zero_target",
+                                    "constant_input", "relu", "identity"]),
+                   st.booleans())
+
+
+@st.composite
+def runs(draw):
+    method = draw(st.sampled_from(METHODS))
+    data = draw(st.sampled_from(sorted(DATA)))
+    # mostly a model that fits the task (so that most draws reach the rule's own checks)
+    fits = "linear_resmlp" if data == "lq" else draw(st.sampled_from(["resmlp", "student"]))
+    model = draw(st.sampled_from(MODELS)) if draw(st.integers(0, 4)) == 0 else fits
+    keys = ([f"method.{k}" for k in options("method", method)]
+            + [f"model.{k}" for k in options("model", model)]
+            + [f"data.{k}" for k in options("data", data) if k not in ("n_train", "n_test")]
+            + GLOBAL)
+    chosen = draw(st.lists(st.sampled_from(keys), min_size=1, max_size=2, unique=True))
+    return [f"method={method}", f"model={model}", f"data={data}", *DATA[data]] + [
+        f"{k}={draw(VALUES)}" for k in chosen]
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(overrides=runs())
+def test_any_override_combination_runs_a_step_or_fails_in_one_line(tmp_path_factory, overrides):
+    out = tmp_path_factory.mktemp("fuzz")
+    cfg = compose_cfg(out / "run", "trainer.max_epochs=1", "++trainer.limit_train_batches=1",
+                      "++trainer.limit_val_batches=1",
+                      "protocol.measure.rho_samples=32", "protocol.measure.rho_directions=4",
+                      "protocol.measure.null_draws=2", *overrides)
+    try:
+        results = train(cfg)
+    except ConfigError as err:
+        msg = str(err)
+        assert msg and "\n" not in msg, (overrides, msg)
+        event("one-line error")
+        return
+    event("trained")
+    assert results["status"] in ("completed", "aborted", "diverged"), (overrides, results["status"])
+    assert results["final"]["epochs"] >= 1, overrides

@@ -1,0 +1,364 @@
+"""Reliability: no result mislabelled, no traceback for a user's mistake, no run lost to a
+signal. Each test names the failure it guards against."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import TINY_LADDER, compose_cfg
+from lcredit.errors import ConfigError
+from lcredit.train import RunAborted, train
+
+TINY = [*TINY_LADDER, "data.n_train=512"]
+EVERY = ["protocol.every_n_epochs=1"]
+
+
+def cli(*args, cwd, timeout=300, module="lcredit.train", **popen):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+# ---------------------------------------------------------------- 1. resume checks its settings
+def test_resume_refuses_a_checkpoint_of_other_settings_before_the_baseline_trains(make_cfg,
+                                                                                    tmp_path):
+    first = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=1", out="first"))
+    ckpt = first["checkpoint"]
+    cache = tmp_path / "fresh_cache"
+    for overrides, named in [(["model.act=relu", "data.alpha=0.3"], ["model.act", "data.alpha"]),
+                             (["method=bp"], ["method._target_"]),
+                             (["model.d=16"], ["model.d"]),
+                             (["seed=3"], ["seed"])]:
+        cfg = make_cfg("method=dfa", *TINY, "trainer.max_epochs=2", f"resume={ckpt}",
+                       "protocol.frozen_baseline=auto", f"paths.cache_dir={cache}", *overrides,
+                       out="again")
+        with pytest.raises(ConfigError) as err:
+            train(cfg)
+        msg = str(err.value)
+        assert "\n" not in msg and all(k in msg for k in named), msg
+        assert not cache.exists()  # refused before the frozen baseline trained
+        assert not (tmp_path / "again").exists()
+    # what a resumed run may change: its length, logging, the protocol
+    resumed = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=2", f"resume={ckpt}",
+                             "protocol.thresholds.a=40", out="ok"))
+    assert resumed["final"]["epochs"] == 2
+
+
+# ---------------------------------------------------------------- 2. sweep directory names
+def test_job_dirnames_are_short_single_segments_whatever_the_overrides():
+    from lcredit.cli import DIRNAME_MAX, job_dirname
+    many = [f"method.opt{i}={'x' * 12}" for i in range(14)]
+    name = job_dirname(many)
+    assert len(name) <= DIRNAME_MAX and "/" not in name
+    assert job_dirname(many) == name  # stable
+    assert job_dirname(many[:-1] + ["method.opt13=y"]) != name  # the hash tells them apart
+    paths = job_dirname(["paths.cache_dir=/a/b", "logger=none", "protocol.measure.rho_samples=8",
+                         "seed=3", "method=fa"])
+    assert paths == "method=fa"
+    a, b = (job_dirname([f"init_from=/runs/{x}/last.ckpt"]) for x in "ab")
+    assert a != b and "/" not in a
+    assert job_dirname([]) == "defaults"
+
+
+@pytest.mark.slow
+def test_a_sweep_with_many_overrides_and_a_failed_job_runs_every_job_and_exits_non_zero(tmp_path):
+    overrides = ["debug=fast", "data.n_train=256", "model.d=16", "model.depth=2",
+                 "model.mlp_ratio=2.0", "data.batch_size=64", "data.eval_batch_size=256",
+                 "protocol.frozen_baseline=null", "protocol.eval_batches=1",
+                 "protocol.stability_batches=2", "protocol.measure.rho_samples=64",
+                 "protocol.measure.null_draws=2", "logger=none", f"paths.cache_dir={tmp_path}/c/d"]
+    proc = cli("-m", "method=dfa,bp", "optim.lr=1e-3,-1", *overrides,
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    jobs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/seed=0/results.json"))
+    assert len(jobs) == 4 and all(len(j.parent.name) <= 80 for j in jobs)
+    statuses = sorted(json.loads((j / "results.json").read_text())["status"] for j in jobs)
+    assert statuses == ["completed", "completed", "failed", "failed"]
+    assert "2 job(s) of the sweep failed" in proc.stderr and "optim.lr=-1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- 3. signals
+def _wait_for(path: Path, proc, seconds=120):
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None or time.time() - t0 > seconds:
+            raise AssertionError(f"{path} never appeared: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_leaves_a_checkpoint_and_results_and_resume_continues_exactly(tmp_path, signum,
+                                                                                code):
+    # long enough (~0.2 s an epoch) that the signal lands mid-training
+    common = ["method=dfa", *TINY, "data.n_train=4096", "trainer.max_epochs=30", "logger=none",
+              "protocol.frozen_baseline=null", "trainer.enable_progress_bar=false",
+              "protocol.every_n_epochs=10", "protocol.abort.enabled=false",
+              "protocol.measure.rho_samples=128",
+              "protocol.measure.null_draws=2"]
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "lcredit.train", *common,
+                             f"hydra.run.dir={run}"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(run / "checkpoints" / "last.ckpt", proc)  # training has started
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    proc.communicate(timeout=120)
+    assert proc.returncode == code
+    stopped = json.loads((run / "results.json").read_text())
+    assert stopped["status"] == "interrupted"
+    assert stopped["interrupted"]["signal"] == signal.Signals(signum).name
+    assert stopped["checkpoint"] and Path(stopped["checkpoint"]).is_file()
+    assert len(stopped["history"]) < 30
+    resumed = train(compose_cfg(tmp_path / "resumed", *common, f"resume={stopped['checkpoint']}"))
+    whole = train(compose_cfg(tmp_path / "whole", *common))
+    assert resumed["status"] == "completed" and resumed["final"] == whole["final"]
+    assert [r["test_acc"] for r in resumed["history"]] == [r["test_acc"] for r in whole["history"]]
+
+
+def test_the_epoch_0_checkpoint_resumes_exactly(make_cfg):
+    """Interrupted before the first epoch ends, a run has only the checkpoint saved at its start:
+    resuming from it must be the uninterrupted run."""
+    class StopAtStart(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            raise KeyboardInterrupt
+
+    common = ["method=dfa", *TINY, "trainer.max_epochs=2"]
+    with pytest.raises(BaseException):
+        train(make_cfg(*common, out="stopped"), extra_callbacks=[StopAtStart()])
+    ckpt = Path(make_cfg(*common, out="stopped").paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    resumed = train(make_cfg(*common, f"resume={ckpt}", out="resumed"))
+    whole = train(make_cfg(*common, out="whole"))
+    assert resumed["final"] == whole["final"]
+
+
+# ---------------------------------------------------------------- 4. an aborted run stays aborted
+def test_resuming_an_aborted_run_keeps_it_aborted_unless_the_abort_is_turned_off(make_cfg):
+    common = ["method=dfa", *TINY, *EVERY, "protocol.thresholds.a=1.0001"]  # fires at once
+    aborted = train(make_cfg(*common, "trainer.max_epochs=4", out="aborted"))
+    assert aborted["status"] == "aborted" and aborted["final"]["epochs"] == 1
+    with pytest.raises(RunAborted, match="stays aborted"):
+        train(make_cfg(*common, "trainer.max_epochs=4", f"resume={aborted['checkpoint']}",
+                       out="again"))
+    on = train(make_cfg(*common, "trainer.max_epochs=3", "protocol.abort.enabled=false",
+                        f"resume={aborted['checkpoint']}", out="on"))
+    assert on["status"] == "completed" and on["final"]["epochs"] == 3
+    assert on["previous_aborts"] == [aborted["abort"]]
+    assert on["history"][0]["abort"] == aborted["abort"]
+
+
+@pytest.mark.slow
+def test_cli_resume_of_an_aborted_run_says_so_and_exits(tmp_path):
+    common = ["method=dfa", *TINY, *EVERY, "protocol.thresholds.a=1.0001", "logger=none",
+              "protocol.frozen_baseline=null"]
+    first = cli(*common, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli(*common, f"resume={tmp_path}/a/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/b",
+                cwd=tmp_path)
+    assert again.returncode == 0 and "stays aborted" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+# ---------------------------------------------------------------- 5. a user's mistake: one line
+def _checkpoint_variants(tmp_path, make_cfg):
+    real = Path(train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=1", out="real"))["checkpoint"])
+    data = real.read_bytes()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.ckpt").write_bytes(os.urandom(4096))
+    (tmp_path / "pickled.ckpt").write_bytes(b"\x80\x04K\x01.")  # a pickle of 1, no state_dict
+    return ["empty", "truncated", "garbage", "pickled"]
+
+
+BAD = [  # (overrides, key the message must name)
+    (["optim.lr=0"], "optim.lr"), (["optim.lr=abc"], "optim.lr"), (["optim.lr=-1e-3"], "optim.lr"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"), (["seed=-1"], "seed"),
+    (["seed=1.5"], "seed"), (["seed=abc"], "seed"),
+    (["protocol.every_n_epochs=0"], "protocol.every_n_epochs"),
+    (["protocol.eval_batches=0"], "protocol.eval_batches"),
+    (["protocol.thresholds.a=-1"], "protocol.thresholds.a"),
+    (["protocol.thresholds.b=-1e-7"], "protocol.thresholds.b"),
+    (["protocol.measure.rho_samples=0"], "protocol.measure.rho_samples"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs"), (["trainer.max_epochs=-1"], "trainer.max_epochs"),
+    (["protocol.abort.patience=0"], "protocol.abort.patience"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_values_fail_in_one_line_before_anything_exists(make_cfg, tmp_path, overrides, key):
+    cache = tmp_path / "cache_here"
+    cfg = make_cfg("method=dfa", *TINY, "protocol.frozen_baseline=auto",
+                   f"paths.cache_dir={cache}", *overrides, out="run")
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert key in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists() and not cache.exists()
+
+
+def test_unreadable_resume_files_fail_in_one_line(make_cfg, tmp_path):
+    for name in _checkpoint_variants(tmp_path, make_cfg):
+        cfg = make_cfg("method=dfa", *TINY, f"resume={tmp_path / name}.ckpt", out="run")
+        with pytest.raises(ConfigError) as err:
+            train(cfg)
+        msg = str(err.value)
+        assert msg.startswith("resume=") and f"{name}.ckpt" in msg and "\n" not in msg, msg
+        assert "weights_only" not in msg
+
+
+def test_unwritable_output_and_cache_dirs_fail_in_one_line(make_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for key in ("paths.output_dir", "paths.cache_dir"):
+        cfg = make_cfg("method=dfa", *TINY, "protocol.frozen_baseline=auto",
+                       f"{key}={blocker}/sub", out="run")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            train(cfg)
+
+
+def test_corrupt_fashion_mnist_files_fail_in_one_line(make_cfg, tmp_path):
+    from test_vision_data import write_fashion_mnist
+    import numpy as np
+    write_fashion_mnist(tmp_path, np.random.default_rng(0))
+    raw = next((tmp_path / "FashionMNIST" / "raw").glob("train-images*"))
+    raw.write_bytes(raw.read_bytes()[:100])  # truncated
+    cfg = make_cfg("method=dfa", "data=fashion_mnist", f"data.root={tmp_path}", out="run")
+    with pytest.raises(ConfigError, match="fashion_mnist") as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_mistakes_exit_2_with_one_error_line(tmp_path):
+    for args, module in [(["optim.lr=0"], "lcredit.train"), (["trainer.max_epochs=-1"], "lcredit.train"),
+                         (["resume=" + str(tmp_path / "nope.ckpt")], "lcredit.train"),
+                         ([], "lcredit.audit")]:
+        proc = cli(*args, f"hydra.run.dir={tmp_path}/r", cwd=tmp_path, module=module)
+        assert proc.returncode == 2, (args, proc.stderr[-1500:])
+        lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1 and lines[0].startswith(("lcredit: error:", "lcredit.audit: error:"))
+        assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- 6 and 7. divergence
+class Poison(Callback):
+    """Sets one block weight to NaN after ``step`` optimizer steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.blocks[1].fc2.weight[0, 0] = float("nan")
+
+
+def test_a_diverged_run_reports_where_it_broke_and_no_accuracy(make_cfg):
+    """A stream that overflows in block 1 (W2 of std 1e38) breaks at the first step: the run
+    says so (epoch, step, h_1), reports no accuracy, and labels its last report stale."""
+    r = train(make_cfg("method=dfa", *TINY, *EVERY, "trainer.max_epochs=3",
+                       "protocol.abort.enabled=false", "model.w2_std=1e38"))
+    assert r["status"] == "diverged" and r["final"]["epochs"] == 1
+    assert r["final"]["test_acc"] is None and r["final"]["train_acc"] is None
+    assert r["divergence"] == {"epoch": 1, "step": 0, "first_nonfinite_layer": 1}
+    assert r["protocol"] is None  # nothing was measured before it broke
+
+
+def test_a_run_diverging_later_keeps_its_last_report_labelled_stale(make_cfg):
+    steps_per_epoch = 512 // 128
+    r = train(make_cfg("method=dfa", *TINY, *EVERY, "trainer.max_epochs=3",
+                       "protocol.abort.enabled=false"),
+              extra_callbacks=[Poison(steps_per_epoch + 1)])
+    assert r["status"] == "diverged" and r["final"]["test_acc"] is None
+    d = r["divergence"]
+    assert d["epoch"] == 2 and d["step"] == steps_per_epoch + 1
+    # the poison came from outside the rule: a replay of the step stays finite, and says so
+    assert d["first_nonfinite_layer"] is None and "stayed finite" in d["note"]
+    assert r["protocol"]["epoch"] == 1 and r["protocol"]["stale"]
+    assert any("stale" in note for note in r["protocol"]["notes"])
+
+
+def test_audit_of_a_diverged_checkpoint_reports_missing_layers_with_a_reason(make_cfg):
+    from lcredit.audit import audit
+    r = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=2",
+                       "protocol.abort.enabled=false"), extra_callbacks=[Poison(2)])
+    rep = audit(r["checkpoint"])
+    assert rep.layers[2]["missing"].startswith("h_2 or its gradient is not finite")
+    assert any("a diverged model" in n for n in rep.notes)
+
+
+def test_a_diverged_frozen_baseline_is_no_comparator_and_is_not_cached(make_cfg, tmp_path):
+    cache = tmp_path / "cache_div"
+    r = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=2", "optim.lr=1e30",
+                       "protocol.frozen_baseline=auto", f"paths.cache_dir={cache}"))
+    fb = r["frozen_baseline"]
+    assert fb["status"] == "diverged" and fb["final_acc"] is None
+    from lcredit.baseline import accuracy_at
+    assert accuracy_at(fb, 1, 0.5) is None  # (d) gets no comparator
+    assert not any((cache / "frozen").glob("*/results.json"))
+
+
+# ---------------------------------------------------------------- 8. one baseline for two runs
+@pytest.mark.slow
+def test_concurrent_runs_needing_one_baseline_train_it_once(tmp_path):
+    common = ["method=dfa", *TINY, "trainer.max_epochs=2", "logger=none",
+              "protocol.frozen_baseline=auto", f"paths.cache_dir={tmp_path}/cache",
+              "trainer.enable_progress_bar=false"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "-m", "lcredit.train", *common,
+                               f"hydra.run.dir={tmp_path}/run{i}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    cached = sorted(json.loads((tmp_path / f"run{i}" / "results.json").read_text())
+                    ["frozen_baseline"]["cached"] for i in range(2))
+    assert cached == [False, True]
+    assert len(list((tmp_path / "cache" / "frozen").glob("*/results.json"))) == 1
+
+
+# ---------------------------------------------------------------- 9. a failed run leaves results
+def test_a_run_that_fails_midway_writes_failed_results_with_its_history(make_cfg):
+    class Boom(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("boom in epoch 2")
+
+    cfg = make_cfg("method=dfa", *TINY, "trainer.max_epochs=3")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg, extra_callbacks=[Boom()])
+    r = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert r["status"] == "failed" and "boom in epoch 2" in r["error"]
+    assert [row["epoch"] for row in r["history"]] == [1]
+
+
+# ---------------------------------------------------------------- 10. small things
+def test_resuming_into_the_same_directory_appends_to_metrics_csv(make_cfg):
+    common = ["method=dfa", *TINY, "logger=csv", *EVERY]
+    first = train(make_cfg(*common, "trainer.max_epochs=2", out="same"))
+    train(make_cfg(*common, "trainer.max_epochs=3", f"resume={first['checkpoint']}", out="same"))
+    import csv
+    rows = list(csv.DictReader((Path(first["output_dir"]) / "csv" / "metrics.csv").open()))
+    epochs = sorted({int(float(r["epoch"])) for r in rows if r.get("test/acc")})
+    assert epochs == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_configs(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path), str(repo)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+    names = zipfile.ZipFile(next(tmp_path.glob("lcredit-*.whl"))).namelist()
+    assert "lcredit/conf/config.yaml" in names and "lcredit/conf/method/dfa.yaml" in names
+    assert "lcredit/conf/hydra/default.yaml" in names
