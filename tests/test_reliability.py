@@ -359,6 +359,18 @@ def test_a_built_wheel_ships_the_configs(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import zipfile
-    names = zipfile.ZipFile(next(tmp_path.glob("lcredit-*.whl"))).namelist()
+    wheel = next(tmp_path.glob("lcredit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
     assert "lcredit/conf/config.yaml" in names and "lcredit/conf/method/dfa.yaml" in names
     assert "lcredit/conf/hydra/default.yaml" in names
+    # installed from the wheel (not a checkout), the entry point composes its config
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, capture_output=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", "import lcredit.train as t; print(t.CONF_DIR)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().startswith(str(site)), proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lcredit.train", "--cfg", "job"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "lcredit.rules.DFA" in proc.stdout, proc.stderr[-1500:]

@@ -101,8 +101,9 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
     cached = out_dir / "results.json"
     # Runs that need the same baseline at the same time (a sweep's jobs) train it once: the
     # first holds the lock while it trains, the others wait and reuse its result.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir.parent / f"{key}.lock")):
+    locks = Path(cfg.paths.cache_dir) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"frozen-{key}.lock")):
         if cached.is_file():
             try:
                 found = from_results(cached)

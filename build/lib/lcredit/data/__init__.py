@@ -119,12 +119,14 @@ def build_task(data_cfg: DictConfig) -> Task:
 
 
 def batching(data_cfg: DictConfig) -> dict:
-    bs = int(data_cfg.get("batch_size", 128))
-    ebs = int(data_cfg.get("eval_batch_size", 1000))
+    bs = data_cfg.get("batch_size", 128)
+    ebs = data_cfg.get("eval_batch_size", 1000)
     check_range("data.batch_size", bs, 1, integer=True)
     check_range("data.eval_batch_size", ebs, 1, integer=True)
-    return {"batch_size": bs, "eval_batch_size": ebs,
-            "random_targets": bool(data_cfg.get("random_targets", False))}
+    random_targets = data_cfg.get("random_targets", False)
+    if not isinstance(random_targets, bool):
+        raise ConfigError(f"data.random_targets={random_targets!r} must be true or false")
+    return {"batch_size": int(bs), "eval_batch_size": int(ebs), "random_targets": random_targets}
 
 
 def check_kwargs(fn, kwargs: dict, group: str) -> None:
@@ -159,7 +161,9 @@ def fit_to_model(task: Task, model_cls, model_opts: dict, model_key: str = "mode
             f"data={task.name} gives vectors of shape {task.input_shape}. Use an image task "
             f"(digits, cifar10, cifar100, fashion_mnist, gaussian_images) or a vector model "
             f"(resmlp, student).")
-    size = int(model_opts.get("image_size", 32))
+    size = model_opts.get("image_size", 32)
+    check_range(f"{model_key}.image_size", size, 8, integer=True)
+    size = int(size)
     _, h, w = task.input_shape
     if (h, w) == (size, size):
         return task

@@ -46,6 +46,9 @@ def lq(d_in: int = 16, d_out: int = 8, n_train: int = 4096, n_test: int = 1024,
     check_range("data.d_in", d_in, 1, integer=True)
     check_range("data.d_out", d_out, 1, integer=True)
     check_range("data.noise", noise, 0.0)
+    check_range("data.n_train", n_train, 1, integer=True)
+    check_range("data.n_test", n_test, 1, integer=True)
+    check_range("data.seed", seed, 0, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d_in, generator=g)
     T = torch.randn(d_out, d_in, generator=g) / d_in**0.5

@@ -32,6 +32,7 @@ def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: f
     check_range("data.n_train", n_train, 1, integer=True)
     check_range("data.n_test", n_test, 1, integer=True)
     check_choice("data.fresh", fresh, (True, False))
+    check_range("data.seed", seed, 0, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d, generator=g)
     weights = [torch.randn(d, d, generator=g) * (teacher_gain / d**0.5)

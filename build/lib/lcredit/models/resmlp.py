@@ -58,8 +58,8 @@ class ResMLP(BlockModel):
         check_range("model.depth", depth, 1, integer=True)
         check_range("model.mlp_ratio", mlp_ratio, 0, lo_open=True)
         check_choice("model.act", act, ACTIVATIONS)
-        if w2_std is not None and float(w2_std) < 0:
-            raise ConfigError(f"model.w2_std={w2_std!r} must be >= 0 (or null for the default init)")
+        if w2_std is not None:
+            check_range("model.w2_std", w2_std, 0.0)
         in_features = math.prod(input_shape)
         hidden = max(1, round(d * mlp_ratio))
         self.embed = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, d))

@@ -2,7 +2,7 @@
 fully-connected stage as blocks, a linear head; no terminal LayerNorm."""
 from torch import nn
 
-from lcredit.errors import check_choice, check_range
+from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.models.base import BlockModel
 from lcredit.models.resmlp import ACTIVATIONS
 
@@ -19,11 +19,12 @@ class SmallCNN(BlockModel):
                  act: str = "relu", image_size: int = 32):
         super().__init__()
         check_choice("model.act", act, ACTIVATIONS)
-        widths = [int(w) for w in widths]
-        if len(widths) != 3:
-            raise ValueError("model.widths must list the 3 conv stages' channels")
+        if not isinstance(widths, (list, tuple)) or len(widths) != 3:
+            raise ConfigError(f"model.widths={widths!r} must list the 3 conv stages' channels")
         for w in widths:
             check_range("model.widths", w, 1, integer=True)
+        widths = [int(w) for w in widths]
+        check_range("model.image_size", image_size, 8, integer=True)
         check_range("model.fc_width", fc_width, 1, integer=True)
         channels, h, w = input_shape
         self.embed = nn.Sequential(*conv_bn_act(channels, widths[0], act))
