@@ -353,9 +353,15 @@ def test_resuming_into_the_same_directory_appends_to_metrics_csv(make_cfg):
 
 @pytest.mark.slow
 def test_a_built_wheel_ships_the_configs(tmp_path):
+    import shutil
     repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src_copy"  # an in-tree build leaves build/ behind: build a copy
+    shutil.copytree(repo / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info",
+                                                                              "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(tmp_path), str(repo)], capture_output=True, text=True,
+                           "-q", "-w", str(tmp_path), str(src)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import zipfile
