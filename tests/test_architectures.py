@@ -92,7 +92,7 @@ def test_fa_layerwise_with_true_weights_is_bp(tmp_path, arch):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vit_mini", "small_cnn"])
 def test_image_models_learn_digits_with_bp(make_cfg, arch):
-    results = train(make_cfg("method=bp", f"model={arch}", "data=digits", "trainer.max_epochs=8",
+    results = train(make_cfg("method=bp", f"model={arch}", "data=digits", "trainer.max_epochs=5",
                            "protocol.every_n_epochs=100"))
     assert results["final"]["test_acc"] > 0.5, results["final"]  # chance is 0.1
     assert any("8x8 -> 32x32" in n for n in results["task_notes"])

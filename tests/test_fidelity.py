@@ -48,8 +48,8 @@ def test_every_method_default_is_the_original_form_and_presets_say_what_they_cha
                      *(f"method.{k}={v}" for k, v in form["departures"].items()))
         assert base.form() == form
     else:
-        assert form == {"original": True, "departures": {},
-                        "original_values": dict(type(rule).ORIGINAL)}
+        assert form["original"] and form["departures"] == {}, form
+        assert form["original_values"] == dict(type(rule).ORIGINAL)
 
 
 @pytest.mark.parametrize("cls", [FA, SB, CB, VEC, Blend, EP])
@@ -61,6 +61,11 @@ def test_constructor_defaults_are_the_original_forms(cls):
 def test_one_switch_departs_and_is_named(tmp_path):
     rule = built(tmp_path, "method=cb", "method.bridge_noise=input")
     assert rule.form()["departures"] == {"bridge_noise": "input"}
+    # an option that does nothing here is no departure (hL_dim without an _hL code)
+    assert built(tmp_path, "method=cb", "method.hL_dim=null").form()["original"]
+    # ep's reference is the literature's EP; the original study's variant is named
+    ep = built(tmp_path, "method=ep", "method.credit=displacement").form()
+    assert ep["departures"] == {"credit": "displacement"} and "literature" in ep["reference"]
 
 
 # ---------------------------------------------------------------- learned, not given

@@ -39,6 +39,12 @@ def restore(ckpt: dict, data_root=None):
     task = fit_task(cfg, build_task(cfg.data))
     torch.manual_seed(int(cfg.seed))
     rule = build_rule(cfg, task)
+    unrecorded = [k for k in type(rule).ORIGINAL if k not in cfg.method]
+    if unrecorded:  # an older lcredit's checkpoint: which form ran is not known
+        raise ConfigError(
+            f"refusing to audit: the checkpoint's config does not record "
+            f"{', '.join('method.' + k for k in unrecorded)} (written before those options "
+            f"existed), so the form of its {rule.name!r} rule is unknown; lcredit will not guess.")
     state = ckpt["state_dict"]
     expected = rule.state_dict()
     missing = [k for k in expected if k not in state]

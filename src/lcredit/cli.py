@@ -75,7 +75,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
 
 # Overrides that do not make a job a different run: where it writes, how it logs, how the
 # protocol measures it. Left out of sweep directory names (config.yaml keeps every override).
-DIRNAME_SKIP = ("seed", "paths.", "hydra.", "logger", "callbacks", "protocol.measure.",
+DIRNAME_SKIP = ("paths.", "logger", "callbacks", "protocol.measure.",
                 "protocol.print_report", "protocol.every_n_epochs", "protocol.frozen_baseline",
                 "trainer.enable_progress_bar",
                 "trainer.log_every_n_steps", "tags", "resume")
@@ -85,20 +85,26 @@ DIRNAME_MAX = 80
 def job_dirname(overrides) -> str:
     """A sweep job's directory name from its overrides: short (at most DIRNAME_MAX characters,
     a stable hash standing for the rest), one path segment (a path-valued override appears as a
-    hash of the path, so jobs that differ only there still get their own directories), and
-    ``defaults`` when nothing is left."""
+    hash of the path), readable (paths, logging and measurement settings appear only as one
+    short hash, ``~xxxxxx``, so jobs that differ only there still get their own directories),
+    and ``defaults`` when nothing is left."""
     import hashlib
     import re
 
-    parts = []
+    parts, left_out = [], []
     for item in overrides or []:
         key, sep, value = str(item).lstrip("+~").partition("=")
-        if not sep or key.startswith(DIRNAME_SKIP) or key in ("seed",):
+        if not sep or key == "seed" or key.startswith("hydra."):
+            continue
+        if key.startswith(DIRNAME_SKIP):
+            left_out.append(f"{key}={value}")
             continue
         if "/" in value or "\\" in value or key in PATH_KEYS:
             value = "h" + hashlib.sha1(value.encode()).hexdigest()[:6]
         parts.append(f"{key}={value}")
-    name = re.sub(r"[^A-Za-z0-9._,=+@%-]", "_", ",".join(sorted(parts)))
+    if left_out:  # jobs that differ only there (a sweep over rho_samples) stay apart
+        parts.append("~" + hashlib.sha1(",".join(sorted(left_out)).encode()).hexdigest()[:6])
+    name = re.sub(r"[^A-Za-z0-9._,=+@%~-]", "_", ",".join(sorted(parts)))
     if len(name) > DIRNAME_MAX:
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
         name = f"{name[:DIRNAME_MAX - 9]}~{digest}"

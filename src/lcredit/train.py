@@ -80,6 +80,10 @@ def _check_trainer(tcfg: dict) -> None:
             f"trainer.precision={precision!r} is not supported: local rules write gradients "
             f"directly, so fp16 loss scaling cannot apply. Use one of "
             f"{', '.join(SUPPORTED_PRECISION)}.")
+    for key, every in (("check_val_every_n_epoch", 1), ("val_check_interval", 1.0)):
+        if tcfg.get(key) not in (None, every):
+            raise ConfigError(f"trainer.{key}={tcfg[key]!r}: lcredit evaluates (and records a "
+                              f"history row) after every epoch; leave it at {every}")
     if tcfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer=gpu but no CUDA device is available here; use trainer=cpu")
 
@@ -178,14 +182,17 @@ def branch_from(rule, path) -> dict | None:
             "loaded": sorted({k.split(".")[0] for k in taken}), "kept_fresh": skipped}
 
 
-def _loggers(cfg, resuming: bool = False):
+def _loggers(cfg, resume_ckpt=None):
     from lcredit.loggers import CSVLogger
 
+    point = None
+    if resume_ckpt is not None:  # a resumed run continues the metrics.csv of the run it resumes
+        point = (int(resume_ckpt.get("global_step", 0)),
+                 len((resume_ckpt.get("lcredit") or {}).get("history") or []))
     out = []
     for node in (cfg.get("logger") or {}).values():
         if node is not None and "_target_" in node:
-            # a resumed run continues the metrics.csv of the run it resumes
-            extra = {"append": resuming} if get_class(node._target_) is CSVLogger else {}
+            extra = {"resume_point": point} if get_class(node._target_) is CSVLogger else {}
             out.append(instantiate(node, **extra))
     return out or False
 
@@ -249,8 +256,8 @@ class SignalStop(Callback):
     """Stops the fit between batches once a signal arrived; makes sure a checkpoint exists to
     resume from before the first epoch ends (the epoch-0 state)."""
 
-    def __init__(self, state: dict, resuming: bool):
-        self.state, self.resuming = state, resuming
+    def __init__(self, state: dict):
+        self.state = state
 
     def _check(self):
         if self.state["signum"] is not None:
@@ -258,9 +265,10 @@ class SignalStop(Callback):
 
     def on_train_start(self, trainer, pl_module):
         ckpt_cb = trainer.checkpoint_callback
-        if not self.resuming and ckpt_cb is not None and ckpt_cb.dirpath:
+        if ckpt_cb is not None and ckpt_cb.dirpath:
             path = Path(ckpt_cb.dirpath) / f"{ckpt_cb.filename or 'last'}{ckpt_cb.FILE_EXTENSION}"
-            trainer.save_checkpoint(str(path))
+            if not path.exists():  # a fresh run, or one resumed into a new directory
+                trainer.save_checkpoint(str(path))
         self._check()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -302,16 +310,19 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
     callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
-    if cfg.get("protocol", {}).get("frozen_baseline") == "auto":
+    # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator. A
+    # number or a results file is checked now; `auto` trains (or reuses) the frozen run below.
+    auto = cfg.get("protocol", {}).get("frozen_baseline") == "auto" and task.loss == "ce"
+    frozen_baseline = (baseline.resolve(cfg, train) if task.loss == "ce" and not auto else None)
+    if auto:
         config.writable_dir(cfg.paths.cache_dir, "paths.cache_dir")
     out_dir = config.writable_dir(cfg.paths.output_dir, "paths.output_dir")
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     try:
-        # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator.
-        # Training the baseline here (when not cached) must not move this run's random streams.
-        with preserved_rng():
-            frozen_baseline = baseline.resolve(cfg, train) if task.loss == "ce" else None
+        if auto:  # training it here (when not cached) must not move this run's random streams
+            with preserved_rng():
+                frozen_baseline = baseline.resolve(cfg, train)
         rule.frozen_baseline = frozen_baseline
 
         train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
@@ -325,8 +336,8 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
         if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
             callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
         with stop_on_signals() as signals:
-            callbacks.append(SignalStop(signals, resuming=resume is not None))
-            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume is not None),
+            callbacks.append(SignalStop(signals))
+            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt),
                                 callbacks=callbacks, default_root_dir=str(out_dir),
                                 num_sanity_val_steps=0, enable_model_summary=False)
             signum = None  # a signal after the last batch: the run completed all the same
@@ -338,6 +349,15 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
                 if signals["signum"] is None:
                     raise
                 signum = signals["signum"]
+    except SystemExit as err:
+        if err.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the frozen baseline's run
+            write_json(out_dir / "results.json", failure_record(cfg, err, rule, start) | {
+                "status": "interrupted", "error": None,
+                "interrupted": {"signal": signal.Signals(err.code - 128).name, "epochs_done": 0,
+                                "while": "training the frozen baseline"}})
+        else:
+            write_json(out_dir / "results.json", failure_record(cfg, err, rule, start))
+        raise
     except BaseException as err:
         write_json(out_dir / "results.json", failure_record(cfg, err, rule, start))
         raise
@@ -354,7 +374,13 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
 
 
 def _refuse_aborted(ckpt: dict, cfg: DictConfig, path) -> None:
-    """An aborted run stays aborted: resuming it trains only with the abort turned off."""
+    """An aborted run stays aborted: resuming it trains only with the abort turned off. A
+    diverged one cannot go on at all (its weights are not finite)."""
+    diverged = (ckpt.get("lcredit") or {}).get("divergence")
+    if diverged:
+        raise ConfigError(f"resume={path}: that run diverged at epoch {diverged['epoch']} "
+                          f"(step {diverged['step']}); its weights are not finite, there is "
+                          f"nothing to resume. Start again with other settings.")
     abort = (ckpt.get("lcredit") or {}).get("abort")
     if abort and cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
         raise RunAborted(

@@ -149,14 +149,24 @@ class Rule(L.LightningModule):
         """a_l for l < L, called top-down (``p.credits[l+1]`` is set)."""
         raise NotImplementedError
 
+    # What ORIGINAL is the form of (ep's default is the literature's EP, not the study's).
+    FORM_REFERENCE = "the original study"
+
     def form(self) -> dict:
         """Which form of the rule runs: ``original`` when every option with an lcredit switch
-        has its original value (SPEC §3 Fidelity), else the switches that depart from it."""
+        has its reference value (SPEC §3 Fidelity), else the switches that depart from it.
+        Options that do nothing in this configuration (``hL_dim`` without an _hL code) are not
+        compared."""
         # an option whose attribute name is taken by a module (vec's ``field``) is ``<name>_form``
         value = {k: getattr(self, f"{k}_form", None) or getattr(self, k) for k in self.ORIGINAL}
-        departures = {k: value[k] for k, v in self.ORIGINAL.items() if value[k] != v}
+        departures = {k: value[k] for k, v in self.ORIGINAL.items()
+                      if value[k] != v and self.option_applies(k)}
         return {"original": not departures, "departures": departures,
-                "original_values": dict(self.ORIGINAL)}
+                "original_values": dict(self.ORIGINAL), "reference": self.FORM_REFERENCE}
+
+    def option_applies(self, option: str) -> bool:
+        """Whether ``option`` changes anything in this rule's configuration."""
+        return True
 
     def update_points(self, p: Pass):
         """Where the block-local update evaluates the blocks: None for the forward pass's own
@@ -402,18 +412,23 @@ class Rule(L.LightningModule):
         if int(ckpt.get("global_step", -1)) != self._epoch_start_step:
             info["note"] = "the checkpoint is not the one this epoch started from"
             return info
-        replay = copy.deepcopy(self.state_dict())
-        opt_state = None
+        # everything the replay touches comes back as it was: parameters and buffers (the
+        # per-epoch sums too), and the train/eval mode (this runs from a validation hook)
+        saved = copy.deepcopy(self.state_dict())
+        buffers = {n: b.clone() for n, b in self.named_buffers()}
+        was_training = self.training
+        convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
         try:
+            self.train()
             self.load_state_dict(ckpt["state_dict"])
             opt = self.configure_optimizers()
             opt = opt[0] if isinstance(opt, (list, tuple)) else opt
             opt.load_state_dict(ckpt["optimizer_states"][0])
-            opt_state = opt
             loader.sampler.set_epoch(epoch - 1)
             first = step - int(ckpt.get("global_step", 0))
             with torch.enable_grad():
-                for i, (x, y) in enumerate(loader):
+                for i, batch in enumerate(loader):
+                    x, y = convert(batch) if convert is not None else batch
                     if i == first:
                         with torch.no_grad():
                             states = hidden_states(self.model, x)
@@ -424,9 +439,15 @@ class Rule(L.LightningModule):
                     self.compute_gradients(x, y)
                     self.clip_block_gradients()
                     opt.step()
+        except Exception as err:  # noqa: BLE001 — the report must survive a failed replay
+            info["note"] = f"the step could not be replayed ({type(err).__name__}: {err})"[:200]
+            return info
         finally:
-            self.load_state_dict(replay)
-            del opt_state
+            self.load_state_dict(saved)
+            for n, b in self.named_buffers():
+                b.copy_(buffers[n])
+            self.train(was_training)
+            self.zero_grad(set_to_none=True)
         if info["first_nonfinite_layer"] is None:
             info["note"] = "the replayed step stayed finite (the run broke outside the forward pass)"
         return info

@@ -131,6 +131,11 @@ class Blend(VEC):
                                device=h.device, dtype=at_least_fp32(h).dtype)
         return self.field_output(l, h.detach(), self.condition(p))
 
+    def option_applies(self, option: str) -> bool:
+        if option == "zero_target_renorm":
+            return self.source == "zero_target"
+        return super().option_applies(option)
+
     def learned_credit(self, l: int, p: Pass) -> torch.Tensor:
         if self.source == "zero_target" and not self.zero_target_renorm:
             # The original control: the field trained toward zero, taken as it is (~0), not

@@ -80,7 +80,11 @@ UPDATE_POINTS = ("nudged", "free")
 
 class EP(Rule):
     name = "ep"
-    ORIGINAL = {"update_at": "nudged"}
+    # SPEC §3: ep's default is the literature's EP (Scellier & Bengio); the original study's
+    # variant, credit=displacement, is a departure from it that results.json names.
+    ORIGINAL = {"update_at": "nudged", "credit": "prediction_error"}
+    FORM_REFERENCE = ("the literature's EP (Scellier & Bengio); the original study's variant is "
+                      "credit=displacement")
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  beta: float = 0.01, T: int = 30, eta: float = 0.1, symmetric: bool = False,
@@ -90,6 +94,7 @@ class EP(Rule):
         check_choice("method.credit", credit, CREDITS)
         check_choice("method.update_at", update_at, UPDATE_POINTS)
         self.credit_kind, self.update_at = credit, update_at
+        self.credit_form = credit  # the option's value, for form()
         self._points = None  # (pass, update points) from the last relaxation
         check_range("method.beta", beta, 0.0, lo_open=True)
         check_range("method.T", T, 1, integer=True)

@@ -273,6 +273,11 @@ class Estimator(DFA):
             return base
         return base + (self.hL_dim or self.dims[-1])
 
+    def option_applies(self, option: str) -> bool:
+        if option == "hL_dim":
+            return self.s_type.endswith("_hL")
+        return super().option_applies(option)
+
     def estimator_credit(self, l: int, p: Pass) -> torch.Tensor:
         raise NotImplementedError
 
