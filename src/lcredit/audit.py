@@ -22,7 +22,8 @@ from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import quote_path_overrides
 from lcredit.config import read_checkpoint
 from lcredit.errors import ConfigError
-from lcredit.train import CONF_DIR, build_rule, fit_task, write_json
+from lcredit.results import write_json
+from lcredit.train import CONF_DIR, build_rule, fit_task
 
 
 def load_checkpoint(path) -> dict:

@@ -65,6 +65,7 @@ def frozen_config(cfg: DictConfig, out_dir: Path) -> DictConfig:
     with open_dict(new):
         new.method = frozen
         new.resume = None
+        new.snapshot_epochs = []
         new.paths.output_dir = str(out_dir)
         new.protocol.frozen_baseline = None
         new.logger = {}

@@ -54,7 +54,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     from omegaconf import OmegaConf
 
     from lcredit.errors import ConfigError
-    from lcredit.train import write_json
+    from lcredit.results import write_json
 
     try:
         if OmegaConf.is_missing(cfg, "ckpt"):
@@ -92,6 +92,10 @@ def job_dirname(overrides) -> str:
     import re
 
     parts, left_out = [], []
+    for item in overrides or []:  # a study's job is named by its arm and axis point
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if key == "study.job":
+            return re.sub(r"[^A-Za-z0-9._,=+@%~-]", "_", value.strip("'\""))[:120] or "defaults"
     for item in overrides or []:
         key, sep, value = str(item).lstrip("+~").partition("=")
         if not sep or key == "seed" or key.startswith("hydra."):

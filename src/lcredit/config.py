@@ -59,6 +59,30 @@ def validate(cfg: DictConfig) -> None:
     protocol = cfg.get("protocol")
     if protocol:
         validate_protocol(protocol)
+    validate_study(cfg)
+
+
+def validate_study(cfg: DictConfig) -> None:
+    """``scale`` names a scale; a study's config runs as a study's job, never as one odd run
+    (without its sweep it would train the base config's rule at seed 0 and call it the study);
+    snapshot epochs are epochs of the run."""
+    scale = cfg.get("scale", "paper")
+    if scale not in ("paper", "smoke"):
+        raise ConfigError(f"scale={scale!r}: the scales are paper (the original settings) and "
+                          f"smoke (the offline version)")
+    study = cfg.get("study")
+    if study is not None and study.get("arm") is None:
+        name = study.get("name", "?")
+        raise ConfigError(f"experiment={name} is a study: run all of it with "
+                          f"`python -m lcredit.train experiment={name} -m` (or `python -m "
+                          f"lcredit.study {name}`); its jobs are the arms of its study node")
+    snaps = cfg.get("snapshot_epochs") or []
+    max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    for e in snaps:
+        _num("snapshot_epochs", e, 0, integer=True)
+        if isinstance(max_epochs, int) and max_epochs > 0 and e > max_epochs:
+            raise ConfigError(f"snapshot_epochs: {e} is after the run's last epoch "
+                              f"(trainer.max_epochs={max_epochs})")
 
 
 def _get(node, key, prefix=""):

@@ -36,6 +36,13 @@ def method_config(name: str, overrides=None) -> DictConfig:
     return OmegaConf.merge(group_config("method", name, f"rule {name!r}"), overrides or {})
 
 
+def split_rule(entry: str) -> tuple[str, str]:
+    """``label:method`` names one rule twice with other options (``cb_deltaL:cb`` with
+    overrides.cb_deltaL.s_type=deltaL); a bare name is its own label."""
+    label, _, method = str(entry).partition(":")
+    return label, (method or label)
+
+
 def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None, optim=None):
     """A fresh ``name`` rule wrapped around a copy of the snapshot's network, its feedback and
     estimator initialised from the run's seed (so a dfa rule on a dfa snapshot has the
@@ -91,7 +98,8 @@ def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None
     if batch_size is not None:
         check_range("batch_size", batch_size, 1, integer=True)
     overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(rules))
+    labels = [split_rule(r)[0] for r in rules]
+    unknown = sorted(set(overrides) - set(labels))
     if unknown:
         raise ConfigError(f"overrides.{unknown[0]}: {unknown[0]!r} is not among rules={rules}")
     ckpt = load_checkpoint(ckpt_path)
@@ -107,8 +115,9 @@ def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None
            "snapshot_epoch": (snapshot.history[-1]["epoch"] if snapshot.history else 0),
            "task": task.name, "steps": int(steps), "batch_size": bs,
            "optim": optim or "the snapshot run's", "overrides": overrides, "rules": {}}
-    for name in rules:
-        rule = rule_on_snapshot(snapshot, cfg, task, name, overrides.get(name), optim)
+    for entry in rules:
+        name, method = split_rule(entry)
+        rule = rule_on_snapshot(snapshot, cfg, task, method, overrides.get(name), optim)
         batches = DeviceBatches(task.x_train, task.y_train, bs, shuffle=True, seed=int(cfg.seed))
         loss = fit_estimator(rule, batches, int(steps))
         for k, v in rule.model.state_dict().items():

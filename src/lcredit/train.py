@@ -30,7 +30,7 @@ from lcredit import baseline, config
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
-from lcredit.diagnostics.protocol import finite
+from lcredit.results import write_json
 from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
 
@@ -310,6 +310,10 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
     callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
+    if cfg.get("snapshot_epochs"):
+        from lcredit.callbacks.snapshots import Snapshots
+
+        callbacks.append(Snapshots(cfg.snapshot_epochs, Path(cfg.paths.output_dir) / "checkpoints"))
     # (d) compares accuracies: a regression task (lq) has none, so it gets no comparator. A
     # number or a results file is checked now; `auto` trains (or reuses) the frozen run below.
     auto = cfg.get("protocol", {}).get("frozen_baseline") == "auto" and task.loss == "ce"
@@ -425,6 +429,7 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         "block_grad_clip": rule.block_grad_clip,
         "task": task.name,
         "task_notes": list(task.notes),
+        "study": study_record(cfg),
         "seed": int(cfg.seed),
         "final": final,
         "divergence": divergence,
@@ -450,6 +455,18 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
     }
 
 
+def study_record(cfg) -> dict | None:
+    """The study, scale, stage, arm and axis point of a study's job (None for a lone run)."""
+    study = cfg.get("study")
+    if study is None:
+        return None
+    point = study.get("point")
+    return {"name": study.get("name"), "scale": cfg.get("scale", "paper"),
+            "stage": study.get("stage", "main"), "arm": study.get("arm"),
+            "point": OmegaConf.to_container(point, resolve=True) if point is not None else {},
+            "job": study.get("job")}
+
+
 def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
     """results.json of a run that failed: the error and what it had done so far."""
     try:
@@ -457,7 +474,11 @@ def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
     except Exception:  # noqa: BLE001 — the failure may be in the config itself
         config_node = OmegaConf.to_container(cfg, resolve=False)
     seed = cfg.get("seed")
-    return {"status": "failed", "error": f"{type(err).__name__}: {err}",
+    try:
+        study = study_record(cfg)
+    except Exception:  # noqa: BLE001
+        study = None
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}", "study": study,
             "seed": seed if isinstance(seed, int) else None,
             "rule": getattr(rule, "name", None),
             "history": list(getattr(rule, "history", []) or []),
@@ -465,13 +486,6 @@ def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
             "wall_time_s": None if start is None else time.perf_counter() - start,
             "output_dir": str(cfg.paths.output_dir) if "paths" in cfg else None,
             "config": config_node, "versions": versions(), "command": " ".join(sys.argv)}
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic write; non-finite floats become null (valid JSON) rather than NaN tokens."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(finite(obj), indent=2))
-    tmp.replace(path)
 
 
 def _num(v) -> str:

@@ -1,0 +1,24 @@
+"""results.json: written atomically by every entry point, read by the report. The single source
+of every number a user sees."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lcredit.diagnostics.protocol import finite
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic write; non-finite floats become null (valid JSON) rather than NaN tokens."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(finite(obj), indent=2))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    """A results file, or None when it is missing or unreadable (a job that never finished)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

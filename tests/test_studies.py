@@ -1,0 +1,296 @@
+"""Studies (SPEC §7): the paper configs are the original settings, every study runs end to end
+at scale=smoke and reports, the report's numbers are numpy's, a staged rerun resumes."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import CONF, LIGHT_MEASURE
+from lcredit.errors import ConfigError
+from lcredit.report import report
+from lcredit.study import compose_job, expand, run, stages, study_node
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "docs" / "spec_studies.yaml").read_text())
+STUDIES = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false"]
+
+
+def test_every_study_has_a_spec_row_and_back():
+    assert sorted(SPEC) == STUDIES
+
+
+def _job_cfg(name, job):
+    return compose_job(name, ["scale=paper", *job.overrides, f"seed={job.seed}",
+                              *job.marker_overrides()])
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_paper_scale_is_the_original_study(name):
+    """data, model, size, epochs, seeds, arms, axes and abort off, per stage, as SPEC §7 says."""
+    base = compose_job(name, [])
+    assert base.scale == "paper"
+    study = study_node(base)
+    plan = stages(study, "paper")
+    assert sorted(plan) == sorted(SPEC[name]), "stages"
+    jobs = expand(study, "paper")
+    for stage, row in SPEC[name].items():
+        st = plan[stage]
+        mine = [j for j in jobs if j.stage == stage]
+        if row.get("replicate"):
+            assert st["replicate"]["stage"] == row["replicate"]
+            assert st["seeds"] == row["seeds"]
+            continue
+        if "seeds" in row:
+            assert sorted(st["seeds"]) == sorted(row["seeds"]), "seeds"
+        if "arms" in row:
+            assert list(st["arms"]) == row["arms"], "arms"
+        for axis, values in (row.get("axes") or {}).items():
+            labels = [j.labels[axis] for j in mine if axis in j.labels]
+            assert sorted(set(labels), key=str) == sorted({str(v) for v in values}, key=str), axis
+        if "snapshot_epochs" in row:
+            assert st["snapshot_epochs"] == row["snapshot_epochs"]
+        if row.get("kind", "train") != "train":
+            assert st["kind"] == row["kind"]
+            opts = st.get("config") or {}
+            for key in ("rules", "sources"):
+                if key in row:
+                    assert [r.split(":")[0] for r in opts[key]] == row[key], key
+            for key in ("blocks", "null_draws"):
+                if key in row:
+                    assert opts[key] == row[key], key
+            continue
+        # one job per distinct point (seeds aside): its composed config carries the settings
+        seen = set()
+        for job in mine:
+            if (job.arm, tuple(job.labels.items())) in seen:
+                continue
+            seen.add((job.arm, tuple(job.labels.items())))
+            cfg = _job_cfg(name, job)
+            want = dict(row)
+            for label in job.labels.values():
+                want |= (row.get("per_value") or {}).get(str(label), {})
+            assert cfg.protocol.abort.enabled is False, "headline numbers are final-epoch numbers"
+            if "data" in want:
+                assert _data_name(cfg.data) == want["data"], "data"
+            if want.get("model") == "linear_resmlp":  # a linear ResMLP (SPEC §2's lq learner)
+                assert cfg.model.act == "identity" and not cfg.model.block_ln, "linear learner"
+            elif "model" in want:
+                assert cfg.model._target_.rsplit(".", 1)[-1].lower() == want["model"].replace("_", ""), "model"
+                if want["model"] == "resmlp":
+                    assert cfg.model.out_ln is want.get("out_ln", True), "terminal LN"
+            for key in ("d", "depth", "residual", "w2_std"):
+                if key in want:
+                    assert cfg.model[key] == want[key], f"model.{key}"
+            if "epochs" in want:
+                assert cfg.trainer.max_epochs == want["epochs"], "epochs"
+            if "steps" in want:  # toy LQ: 8000 steps
+                steps = cfg.trainer.max_epochs * math.ceil(cfg.data.n_train / cfg.data.batch_size)
+                assert steps == want["steps"], "steps"
+            for key, cfg_key in (("ladder_d", "d"), ("classes", "num_classes"), ("alpha", "alpha"),
+                                 ("random_targets", "random_targets")):
+                if key in want:
+                    assert cfg.data[cfg_key] == want[key], f"data.{cfg_key}"
+            if "prefit" in want and job.arm != "continue_dfa" and "prefit_epochs" in cfg.method:
+                assert cfg.method.prefit_epochs == want["prefit"], "prefit"
+            if st.get("source"):
+                assert st["source"]["stage"] in plan and st["source"].get("continue"), "branch"
+    if name == "scaffold_dissection":
+        arms = plan["arms"]["arms"]
+        sources = {a.removeprefix("source_") for a in arms if a.startswith("source_")}
+        assert sources == set(SPEC[name]["arms"]["sources"])
+        assert {f"freeze_{f}" for f in SPEC[name]["arms"]["freeze_after"]} <= set(arms)
+        assert {f"{s}_alpha_{a}" for s in ("perlayer_vector", "random_trainable")
+                for a in SPEC[name]["arms"]["alphas"]} <= set(arms)
+
+
+def _data_name(node) -> str:
+    return node.get("name") or node["_target_"].rsplit(".", 1)[-1]
+
+
+def test_a_study_config_is_not_a_lone_run(make_cfg):
+    from lcredit.train import train
+
+    with pytest.raises(ConfigError, match="is a study"):
+        train(make_cfg("experiment=six_rule_audit"))
+    with pytest.raises(ConfigError, match="scale='huge'"):
+        train(make_cfg("scale=huge"))
+
+
+def test_a_staged_study_refuses_the_plain_sweep(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lcredit.train", "experiment=checkpointed_handoff",
+                          "scale=smoke", f"hydra.sweep.dir={tmp_path}", "-m"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "python -m lcredit.study checkpointed_handoff" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---- end to end at scale=smoke ---------------------------------------------------------------
+
+# The cheapest arm of each study's last stage (its sources run whole) and one seed: every
+# study's every stage still runs, and its report is produced.
+CHEAPEST = {
+    "architecture_ablations": "bp", "both_below_frozen": "frozen", "cb_boundary": "warmup_0",
+    "checkpointed_handoff": "continue_dfa", "cifar100": "bp", "cross_architecture": "dfa",
+    "fa_depth": "dfa", "online_conditioning": "dfa", "penalty_rescue": "bp",
+    "periodic_refit": "topdown_1", "prefit_threshold": "prefit_15",
+    "protocol_calibration": None, "random_target_control": "dfa",
+    "scaffold_dissection": "source_zero_target", "schedule_timing": "dfa_only",
+    "six_rule_audit": "dfa", "snapshot_exploitability": None, "snapshot_recovery": None,
+    "snapshot_time_sweep": None, "synthetic_ladder": "bp", "toy_lq": "bp",
+    "vector_field_pilot": "dfa", "width": "dfa",
+}
+TRIM = {  # rules of a tool stage cheap enough for a test (the study keeps them all)
+    "snapshot_recovery": ["study.stages.probe.config.rules=[dfa,vec]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_runs_at_smoke_scale_and_reports(tmp_path, name):
+    assert set(CHEAPEST) == set(STUDIES)
+    arm = CHEAPEST[name]
+    root = run(name, "smoke", tmp_path / "study",
+               [*QUIET, *LIGHT_MEASURE, f"paths.cache_dir={tmp_path / 'cache'}", *TRIM.get(name, [])],
+               arms=[arm] if arm else None, seeds=[0])
+    results = sorted(root.glob("**/results.json"))
+    assert results
+    records = [json.loads(p.read_text()) for p in results]
+    for rec, path in zip(records, results):
+        assert rec["status"] == "completed", (path, rec.get("error"))
+        assert rec["study"]["name"] == name and rec["study"]["scale"] == "smoke", path
+        assert rec["study"]["arm"], path
+    kinds = {rec.get("kind", "train") for rec in records}
+    assert kinds == {stages(study_node(compose_job(name, ["scale=smoke"])), "smoke")[s]["kind"]
+                     for s in {r["study"]["stage"] for r in records}}
+    written = report([root])
+    md = (root / "report" / f"{name}.md").read_text()
+    assert "| arm |" in md or "##" in md
+    for png in (p for p in written if p.suffix == ".png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "protocol_calibration":
+        assert "Threshold sensitivity" in md
+        assert (root / "report" / f"{name}_threshold_sensitivity.csv").is_file()
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A 2-arm x 2-seed study sweep through the CLI (the Hydra sweeper plugin), plus one job
+    that failed."""
+    root = tmp_path_factory.mktemp("sweep")
+    env = dict(os.environ, LCREDIT_CACHE=str(root / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "lcredit.train", "experiment=six_rule_audit", "scale=smoke",
+         "seed=0,1", "trainer.max_epochs=2", f"hydra.sweep.dir={root / 'six'}", *QUIET,
+         *LIGHT_MEASURE, "-m"],
+        capture_output=True, text=True, cwd=root, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "six"
+
+
+@pytest.mark.slow
+def test_sweep_records_and_report_statistics(sweep, tmp_path):
+    import shutil
+
+    study_dir = tmp_path / "six"
+    shutil.copytree(sweep, study_dir)
+    jobs = sorted(study_dir.glob("*/seed=*/results.json"))
+    assert len(jobs) == 14  # 7 arms x seeds 0 and 1
+    by_arm = {}
+    for p in jobs:
+        rec = json.loads(p.read_text())
+        assert rec["study"]["name"] == "six_rule_audit" and rec["study"]["scale"] == "smoke"
+        assert rec["config"]["scale"] == "smoke" and _data_name(rec["config"]["data"]) == "digits"
+        by_arm.setdefault(rec["study"]["arm"], []).append(rec)
+        assert p.parent.parent.name == rec["study"]["arm"]
+    # a third seed of bp that failed: marked, never averaged in
+    failed = study_dir / "bp" / "seed=2"
+    failed.mkdir()
+    (failed / "results.json").write_text(json.dumps({
+        "status": "failed", "error": "RuntimeError: boom", "seed": 2,
+        "study": {"name": "six_rule_audit", "scale": "smoke", "stage": "main", "arm": "bp",
+                  "point": {}, "job": "bp"}}))
+    written = report([study_dir])
+    rows = {r["arm"]: r for r in _csv(study_dir / "report" / "six_rule_audit.csv")}
+    for arm in ("bp", "dfa"):
+        recs = by_arm[arm]
+        acc = np.array([r["final"]["test_acc"] for r in recs])
+        gam = np.array([r["protocol"]["aggregates"]["gamma_hidden"] for r in recs])
+        growth = np.array([r["protocol"]["diagnostics"]["a"]["value"] for r in recs])
+        for col, v in (("test_acc", acc), ("gamma_hidden", gam), ("growth", growth)):
+            assert float(rows[arm][f"{col}_mean"]) == pytest.approx(v.mean(), rel=1e-12)
+            assert float(rows[arm][f"{col}_std"]) == pytest.approx(v.std(ddof=1), rel=1e-12)
+        assert rows[arm]["n"] == "2"
+    assert "1 failed" in rows["bp"]["status"] and "2 completed" in rows["bp"]["status"]
+    md = (study_dir / "report" / "six_rule_audit.md").read_text()
+    assert "boom" in md and "Jobs without final numbers" in md
+    assert md.index("gamma_hidden") < md.index("test_acc")  # tables lead with gamma_hidden
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert {p.stem.rsplit("_", 1)[-1] for p in pngs} == {"diagnostics", "trajectories", "layers"}
+    import matplotlib.image as mpimg
+
+    for p in pngs:
+        assert mpimg.imread(p).ndim == 3  # decodes as an image
+
+
+def _csv(path):
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_threshold_sensitivity_is_the_interval_that_keeps_every_verdict():
+    from lcredit.report import threshold_sensitivity
+
+    def rep(a, b, d):
+        fired = {"a": a > 50, "b": b < 1e-7, "d": d < 2}
+        return {"diagnostics": {
+            "a": {"value": a, "op": ">", "threshold": 50.0, "fired": fired["a"]},
+            "b": {"value": b, "op": "<", "threshold": 1e-7, "fired": fired["b"]},
+            "c": {"value": None, "op": ">", "threshold": 0.3, "fired": False},
+            "d": {"value": d, "op": "<", "threshold": 2.0, "fired": fired["d"]}}}
+
+    # growth 3, 30 (not fired), 120 (fired), 400 (fired, but its run is walked back by (d) too)
+    reports = [rep(3, 1e-3, 5), rep(30, 1e-3, 5), rep(120, 1e-3, 5), rep(400, 1e-3, -10)]
+    rows = {r["diagnostic"]: r for r in threshold_sensitivity(reports)}
+    assert (rows["a"]["lower"], rows["a"]["upper"]) == (30, 120)
+    assert rows["a"]["holds"] and rows["a"]["runs"] == 3
+    # (d): fired at -10 only where (a) does not already walk it back -> the 400 run is excluded
+    assert rows["d"]["lower"] == -math.inf and rows["d"]["upper"] == 5
+    # moving a threshold inside its interval leaves the verdicts as they are
+    for t in (30.0, 60.0, 119.9):
+        assert [r > t for r in (3, 30, 120)] == [False, False, True]
+
+
+# ---- staged studies: rerun skips what finished -----------------------------------------------
+
+@pytest.mark.slow
+def test_rerunning_a_staged_study_skips_finished_stages_and_reproduces(tmp_path, capsys):
+    ov = [*QUIET, *LIGHT_MEASURE, f"paths.cache_dir={tmp_path / 'cache'}"]
+    root = run("checkpointed_handoff", "smoke", tmp_path / "h", ov, arms=["continue_dfa"],
+               seeds=[0])
+    source = root / "source" / "dfa" / "seed=0" / "results.json"
+    job = root / "handoff" / "continue_dfa,t0=2" / "seed=0" / "results.json"
+    first = json.loads(job.read_text())
+    assert first["init_from"]["checkpoint"].endswith("epoch=2.ckpt")
+    assert first["final"]["epochs"] == 2  # 4 epochs in all: 2 before the branch, 2 after
+    stamp = source.stat().st_mtime_ns
+    job.unlink()  # as if the study had stopped before this job
+    capsys.readouterr()
+    run("checkpointed_handoff", "smoke", tmp_path / "h", ov, arms=["continue_dfa"], seeds=[0])
+    said = capsys.readouterr().out
+    assert "1 job(s) ran, 2 already done" in said
+    assert source.stat().st_mtime_ns == stamp  # the source stage did not run again
+    again = json.loads(job.read_text())
+    assert again["final"] == first["final"]
+    assert [h["test_acc"] for h in again["history"]] == [h["test_acc"] for h in first["history"]]
