@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # built once; `make test PYTEST=` runs it in one process.
 PYTEST ?= -n auto --dist loadscope
 
-.PHONY: setup dev run test bench ladder default-task clean
+.PHONY: setup dev run test bench ladder default-task studies-doc clean
 
 $(VENV)/.setup: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,5 +43,11 @@ ladder: setup
 default-task: setup
 	$(PY) scripts/default_task.py --readme README.md $(ARGS)
 
+# docs/studies.md, the README's study table and each study config's cost line, from the study
+# configs (smoke costs from docs/smoke_times.json, which the smoke tests write when given
+# LCREDIT_SMOKE_TIMES=docs/smoke_times.json).
+studies-doc: setup
+	$(PY) scripts/studies_doc.py --readme $(ARGS)
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun studies

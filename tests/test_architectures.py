@@ -90,10 +90,12 @@ def test_fa_layerwise_with_true_weights_is_bp(tmp_path, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vit_mini", "small_cnn"])
-def test_image_models_learn_digits_with_bp(make_cfg, arch):
+@pytest.mark.parametrize("arch,size", [
+    ("vit_mini", ["model.d=32", "model.depth=2"]),
+    ("small_cnn", ["model.widths=[8,16,16]", "model.fc_width=32"])])
+def test_image_models_learn_digits_with_bp(make_cfg, arch, size):
     results = train(make_cfg("method=bp", f"model={arch}", "data=digits", "trainer.max_epochs=5",
-                           "protocol.every_n_epochs=100"))
+                           "protocol.every_n_epochs=100", *size))
     assert results["final"]["test_acc"] > 0.5, results["final"]  # chance is 0.1
     assert any("8x8 -> 32x32" in n for n in results["task_notes"])
 

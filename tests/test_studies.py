@@ -66,12 +66,13 @@ def test_paper_scale_is_the_original_study(name):
                 if key in row:
                     assert opts[key] == row[key], key
             continue
-        # one job per distinct point (seeds aside): its composed config carries the settings
+        # every arm once and every axis value once: its composed config carries the settings
         seen = set()
         for job in mine:
-            if (job.arm, tuple(job.labels.items())) in seen:
+            keys = [("arm", job.arm)] + [("axis", a, v) for a, v in job.labels.items()]
+            if all(k in seen for k in keys):
                 continue
-            seen.add((job.arm, tuple(job.labels.items())))
+            seen.update(keys)
             cfg = _job_cfg(name, job)
             want = dict(row)
             for label in job.labels.values():
@@ -132,65 +133,17 @@ def test_a_staged_study_refuses_the_plain_sweep(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-# ---- end to end at scale=smoke ---------------------------------------------------------------
-
-# The cheapest arm of each study's last stage (its sources run whole) and one seed: every
-# study's every stage still runs, and its report is produced.
-CHEAPEST = {
-    "architecture_ablations": "bp", "both_below_frozen": "frozen", "cb_boundary": "warmup_0",
-    "checkpointed_handoff": "continue_dfa", "cifar100": "bp", "cross_architecture": "dfa",
-    "fa_depth": "dfa", "online_conditioning": "dfa", "penalty_rescue": "bp",
-    "periodic_refit": "topdown_1", "prefit_threshold": "prefit_15",
-    "protocol_calibration": None, "random_target_control": "dfa",
-    "scaffold_dissection": "source_zero_target", "schedule_timing": "dfa_only",
-    "six_rule_audit": "dfa", "snapshot_exploitability": None, "snapshot_recovery": None,
-    "snapshot_time_sweep": None, "synthetic_ladder": "bp", "toy_lq": "bp",
-    "vector_field_pilot": "dfa", "width": "dfa",
-}
-TRIM = {  # rules of a tool stage cheap enough for a test (the study keeps them all)
-    "snapshot_recovery": ["study.stages.probe.config.rules=[dfa,vec]"],
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", STUDIES)
-def test_every_study_runs_at_smoke_scale_and_reports(tmp_path, name):
-    assert set(CHEAPEST) == set(STUDIES)
-    arm = CHEAPEST[name]
-    root = run(name, "smoke", tmp_path / "study",
-               [*QUIET, *LIGHT_MEASURE, f"paths.cache_dir={tmp_path / 'cache'}", *TRIM.get(name, [])],
-               arms=[arm] if arm else None, seeds=[0])
-    results = sorted(root.glob("**/results.json"))
-    assert results
-    records = [json.loads(p.read_text()) for p in results]
-    for rec, path in zip(records, results):
-        assert rec["status"] == "completed", (path, rec.get("error"))
-        assert rec["study"]["name"] == name and rec["study"]["scale"] == "smoke", path
-        assert rec["study"]["arm"], path
-    kinds = {rec.get("kind", "train") for rec in records}
-    assert kinds == {stages(study_node(compose_job(name, ["scale=smoke"])), "smoke")[s]["kind"]
-                     for s in {r["study"]["stage"] for r in records}}
-    written = report([root])
-    md = (root / "report" / f"{name}.md").read_text()
-    assert "| arm |" in md or "##" in md
-    for png in (p for p in written if p.suffix == ".png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if name == "protocol_calibration":
-        assert "Threshold sensitivity" in md
-        assert (root / "report" / f"{name}_threshold_sensitivity.csv").is_file()
-
-
 # ---- the report ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """A 2-arm x 2-seed study sweep through the CLI (the Hydra sweeper plugin), plus one job
-    that failed."""
+    """A 2-arm x 2-seed study sweep through the CLI (the Hydra sweeper plugin)."""
     root = tmp_path_factory.mktemp("sweep")
     env = dict(os.environ, LCREDIT_CACHE=str(root / "cache"))
     out = subprocess.run(
         [sys.executable, "-m", "lcredit.train", "experiment=six_rule_audit", "scale=smoke",
-         "seed=0,1", "trainer.max_epochs=2", f"hydra.sweep.dir={root / 'six'}", *QUIET,
+         "seed=0,1", "hydra.sweeper.arms=[bp,dfa]", "trainer.max_epochs=2",
+         f"hydra.sweep.dir={root / 'six'}", *QUIET,
          *LIGHT_MEASURE, "-m"],
         capture_output=True, text=True, cwd=root, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -204,7 +157,7 @@ def test_sweep_records_and_report_statistics(sweep, tmp_path):
     study_dir = tmp_path / "six"
     shutil.copytree(sweep, study_dir)
     jobs = sorted(study_dir.glob("*/seed=*/results.json"))
-    assert len(jobs) == 14  # 7 arms x seeds 0 and 1
+    assert len(jobs) == 4  # arms bp and dfa x seeds 0 and 1
     by_arm = {}
     for p in jobs:
         rec = json.loads(p.read_text())
@@ -294,3 +247,37 @@ def test_rerunning_a_staged_study_skips_finished_stages_and_reproduces(tmp_path,
     again = json.loads(job.read_text())
     assert again["final"] == first["final"]
     assert [h["test_acc"] for h in again["history"]] == [h["test_acc"] for h in first["history"]]
+
+
+def test_the_smoke_tests_cover_every_study():
+    import test_study_smoke_1
+    import test_study_smoke_2
+    from study_smoke import CHEAPEST
+
+    halves = test_study_smoke_1.STUDIES + test_study_smoke_2.STUDIES
+    assert sorted(halves) == STUDIES == sorted(CHEAPEST)
+
+
+def test_the_study_layer_sits_on_top():
+    """study.py and report.py are imported by nothing below them (only the sweeper plugin and
+    the scripts use them), and cli.py imports nothing of train.py (no circle)."""
+    import ast
+
+    pkg = ROOT / "src" / "lcredit"
+    imports = {}
+    for path in pkg.rglob("*.py"):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+                mods.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+        imports[path.relative_to(pkg).with_suffix("").as_posix().replace("/", ".")] = mods
+    for module, mods in imports.items():
+        if module in ("study", "report"):
+            continue
+        assert not {"lcredit.study", "lcredit.report"} & mods, module
+    assert not {m for m in imports["cli"] if m.startswith("lcredit.")
+                and m.split(".")[1] not in ("errors", "results")}, imports["cli"]
+    assert "lcredit.train" not in imports["report"]  # the report reads files, it trains nothing

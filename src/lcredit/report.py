@@ -178,11 +178,15 @@ def train_rows(study: dict, records: list[dict]) -> tuple[list[str], list[dict]]
     cols = columns(study, records)
     compare = study.get("compare_to")
     groups = job_groups(records)
-    baseline_by_seed = {}
-    if compare:
-        for r in records:
-            if r["study"].get("arm") == compare and r.get("status") in NUMBERED:
-                baseline_by_seed.setdefault(r.get("seed"), []).append(metric(r, "test_acc"))
+    # the comparator's runs (compare_to): each run is set against the comparator runs of the same
+    # seed at the same values of the axes both have (continue-dfa from the same t0)
+    baseline = [r for r in records if compare and r["study"].get("arm") == compare
+                and r.get("status") in NUMBERED]
+
+    def comparator(r):
+        point = r["study"].get("point") or {}
+        return [metric(b, "test_acc") for b in baseline if b.get("seed") == r.get("seed")
+                and all(point.get(a, v) == v for a, v in (b["study"].get("point") or {}).items())]
     axes = sorted({a for r in records for a in (r["study"].get("point") or {})})
     rows = []
     for (stage, job), recs in groups.items():
@@ -203,7 +207,7 @@ def train_rows(study: dict, records: list[dict]) -> tuple[list[str], list[dict]]
             if col == "vs":
                 diffs = []
                 for r in numbered:
-                    base = [b for b in baseline_by_seed.get(r.get("seed"), []) if b is not None]
+                    base = [b for b in comparator(r) if b is not None]
                     acc = metric(r, "test_acc")
                     if base and acc is not None:
                         diffs.append(acc - float(np.mean(base)))
@@ -376,7 +380,6 @@ def threshold_sensitivity(reports: list[dict]) -> list[dict]:
     out = []
     for k in ("a", "b", "c", "d"):
         lo, hi, n, op, th = -math.inf, math.inf, 0, None, None
-        lo_run = hi_run = None
         for rep in reports:
             d = (rep.get("diagnostics") or {}).get(k) or {}
             v = d.get("value")
@@ -392,10 +395,9 @@ def threshold_sensitivity(reports: list[dict]) -> list[dict]:
             # '>' fires when v > t: keeping it, t < v; keeping a non-firing one, t >= v.
             # '<' fires when v < t: keeping it, t > v; keeping a non-firing one, t <= v.
             if (op == ">") == bool(fired):
-                if v < hi:
-                    hi, hi_run = v, rep
-            elif v > lo:
-                lo, lo_run = v, rep
+                hi = min(hi, v)
+            else:
+                lo = max(lo, v)
         out.append({"diagnostic": k, "op": op, "threshold": th, "runs": n,
                     "lower": lo, "upper": hi,
                     "lower_inclusive": op == ">", "upper_inclusive": op == "<",
@@ -567,6 +569,11 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
                         for st in (study.get("stages") or {}).values())
             shown = dict(study, reported=DEFAULT_REPORTED) if feeds else study
             cols, rows = train_rows(shown, recs)
+            if "vs" in cols:  # say against what: test accuracy minus the comparator's, per seed
+                name_vs = f"acc_minus_{study.get('compare_to')}"
+                cols = [name_vs if c == "vs" else c for c in cols]
+                for r in rows:
+                    r[name_vs] = r.pop("vs", None)
             stage_axes = [a for a in axes if any(r.get(a) for r in rows)]
             label = "" if stage == "main" else f"_{stage}"
             text.append(train_markdown(f"Training runs{'' if stage == 'main' else ' — stage ' + stage}",

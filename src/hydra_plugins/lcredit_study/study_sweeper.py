@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 class StudySweeperConf:
     _target_: str = "hydra_plugins.lcredit_study.study_sweeper.StudySweeper"
     max_batch_size: Optional[int] = None
+    # hydra.sweeper.arms=[bp,dfa]: only these arms of the study (a quick look); null: all
+    arms: Optional[List[str]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
@@ -30,8 +32,10 @@ ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySwee
 
 
 class StudySweeper(Sweeper):
-    def __init__(self, max_batch_size: Optional[int] = None) -> None:
+    def __init__(self, max_batch_size: Optional[int] = None,
+                 arms: Optional[List[str]] = None) -> None:
         self.max_batch_size = max_batch_size
+        self.arms = list(arms) if arms else None
         self.config: Optional[DictConfig] = None
         self.launcher = None
 
@@ -64,6 +68,12 @@ class StudySweeper(Sweeper):
                 else:
                     fixed.append(o.input_line)
             jobs = expand(study, scale, seeds=seeds)
+            if self.arms:
+                unknown = sorted(set(self.arms) - {j.arm for j in jobs})
+                if unknown:
+                    raise ConfigError(f"hydra.sweeper.arms: {unknown[0]!r} is not an arm of study "
+                                      f"{study['name']} ({', '.join(dict.fromkeys(j.arm for j in jobs))})")
+                jobs = [j for j in jobs if j.arm in self.arms]
         except ConfigError as err:
             print(f"lcredit: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
