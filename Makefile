@@ -31,8 +31,9 @@ run: setup
 test: dev
 	$(PY) -m pytest $(PYTEST) $(ARGS)
 
-bench: setup
+bench: dev
 	$(PY) scripts/bench.py --readme README.md $(ARGS)
+	$(PY) scripts/bench_sweep.py --readme README.md
 
 # Every rule's original form and each lcredit switch on the original ladder, 3 seeds (README).
 # About 2 hours on a 2-core CPU; on a GPU machine: make ladder ARGS="--jobs 12 --device cuda".

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_LADDER
+from conftest import LIGHT_MEASURE, TINY_LADDER
 from lcredit.audit import audit
 from lcredit.errors import ConfigError
 from lcredit.train import train
@@ -169,7 +169,7 @@ def test_audit_cli_and_two_job_sweep_with_one_abort(tmp_path):
     proc = subprocess.run(
         env_py + ["lcredit.train", "-m", "method=dfa", "debug=fast", "protocol.every_n_epochs=1",
                   "protocol.frozen_baseline=null", "protocol.thresholds.a=1.0,50",
-                  "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sweep"],
+                  "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sweep", *LIGHT_MEASURE],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {p.parent.parent.name: json.loads(p.read_text())

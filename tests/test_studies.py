@@ -238,7 +238,9 @@ def test_rerunning_a_staged_study_skips_finished_stages_and_reproduces(tmp_path,
     assert first["init_from"]["checkpoint"].endswith("epoch=2.ckpt")
     assert first["final"]["epochs"] == 2  # 4 epochs in all: 2 before the branch, 2 after
     stamp = source.stat().st_mtime_ns
-    job.unlink()  # as if the study had stopped before this job
+    import shutil
+
+    shutil.rmtree(job.parent)  # as if the study had stopped before this job
     capsys.readouterr()
     run("checkpointed_handoff", "smoke", tmp_path / "h", ov, arms=["continue_dfa"], seeds=[0])
     said = capsys.readouterr().out

@@ -23,7 +23,7 @@ RESUME_MAY_CHANGE = {
                 "accelerator", "devices", "limit_val_batches", "val_check_interval",
                 "check_val_every_n_epoch"},
     "top": {"resume", "init_from", "paths", "logger", "callbacks", "protocol", "hydra", "tags",
-            "debug", "experiment"},
+            "debug", "experiment", "threads", "auto_resume", "skip_completed", "snapshot_epochs"},
 }
 THRESHOLD_RANGES = {"a": (0.0, None, True), "b": (0.0, None, False), "c": (-1.0, 1.0, False),
                     "d": (None, None, False)}

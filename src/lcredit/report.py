@@ -627,13 +627,36 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
     return [md, *written]
 
 
-def report(dirs, out=None) -> list[Path]:
+def report(dirs, out=None, wandb_mode=None, project="lcredit") -> list[Path]:
+    """``wandb_mode``: offline or online uploads each study's figures and tables to W&B too
+    (group = the study, job_type = report); None: files only."""
     studies = collect(dirs)
     out = Path(out) if out else Path(dirs[0]) / "report"
     written = []
     for name, records in sorted(studies.items()):
-        written += report_study(name, records, out)
+        files = report_study(name, records, out)
+        written += files
+        if wandb_mode:
+            scales = sorted({str(r["study"].get("scale")) for r in records})
+            upload(name, "/".join(scales), files, out, wandb_mode, project)
     return written
+
+
+def upload(name: str, scale: str, files: list[Path], out: Path, mode: str, project: str) -> None:
+    import wandb
+
+    run = wandb.init(project=project, group=f"{name}/{scale}", job_type="report",
+                     name=f"report {name}/{scale}", dir=str(out), mode=mode, reinit=True,
+                     config={"study": name, "scale": scale})
+    for path in files:
+        if path.suffix == ".png":
+            run.log({f"figures/{path.stem}": wandb.Image(str(path))})
+        elif path.suffix == ".csv":
+            with path.open() as f:
+                rows = list(csv.reader(f))
+            if rows:
+                run.log({f"tables/{path.stem}": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.finish()
 
 
 def main(argv=None) -> int:
@@ -641,8 +664,11 @@ def main(argv=None) -> int:
                                  description="Tables and figures of studies from their results.json files.")
     ap.add_argument("dirs", nargs="+", help="study or sweep directories (searched recursively)")
     ap.add_argument("--out", help="where the tables and figures go (default: <first dir>/report)")
+    ap.add_argument("--wandb", nargs="?", const="offline", choices=("offline", "online"),
+                    help="also upload the figures and tables to W&B (offline unless --wandb online)")
+    ap.add_argument("--wandb-project", default="lcredit")
     args = ap.parse_args(argv)
-    for path in report(args.dirs, args.out):
+    for path in report(args.dirs, args.out, args.wandb, args.wandb_project):
         print(path)
     return 0
 

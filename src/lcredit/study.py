@@ -350,7 +350,8 @@ class SourceFailed(RuntimeError):
 def _run_train(job: Job, d: Path, overrides, src, ckpt, prior) -> None:
     from lcredit.train import train
 
-    ov = [f"scale={job.scale}", *overrides, *sweep_overrides(job), f"paths.output_dir={_quote(d)}"]
+    # the command line's overrides last: they win over the study's (a quick look at fewer epochs)
+    ov = [f"scale={job.scale}", *sweep_overrides(job), *overrides, f"paths.output_dir={_quote(d)}"]
     snaps = job.extra.get("snapshot_epochs")
     if snaps:
         ov.append(f"snapshot_epochs=[{','.join(map(str, snaps))}]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import random
 import signal
@@ -30,7 +31,7 @@ from lcredit import baseline, config
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
-from lcredit.results import write_json
+from lcredit.results import read_json, write_json
 from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
 
@@ -182,7 +183,9 @@ def branch_from(rule, path) -> dict | None:
             "loaded": sorted({k.split(".")[0] for k in taken}), "kept_fresh": skipped}
 
 
-def _loggers(cfg, resume_ckpt=None):
+def _loggers(cfg, resume_ckpt=None, rule=None):
+    from lightning.pytorch.loggers import WandbLogger
+
     from lcredit.loggers import CSVLogger
 
     point = None
@@ -192,9 +195,51 @@ def _loggers(cfg, resume_ckpt=None):
     out = []
     for node in (cfg.get("logger") or {}).values():
         if node is not None and "_target_" in node:
-            extra = {"resume_point": point} if get_class(node._target_) is CSVLogger else {}
+            cls = get_class(node._target_)
+            extra = {"resume_point": point} if cls is CSVLogger else {}
+            if issubclass(cls, WandbLogger):  # `config` is also instantiate()'s own argument
+                opts = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                        if not k.startswith("_")}
+                out.append(cls(**(opts | wandb_run_info(cfg, node, rule))))
+                continue
             out.append(instantiate(node, **extra))
     return out or False
+
+
+def wandb_run_info(cfg, node, rule) -> dict:
+    """What a researcher sets by hand on a W&B run, where the config leaves it null: the resolved
+    config, the group (the study, or the sweep), a name (the job's overrides and seed), the job
+    type (the rule) and tags (the config's, plus rule, model and data)."""
+    study = cfg.get("study")
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    group = node.get("group")
+    if group is None and study is not None:
+        group = f"{study.get('name')}/{cfg.get('scale', 'paper')}"
+    elif group is None and multirun:
+        group = Path(str(HydraConfig.get().sweep.dir)).as_posix()
+    name = node.get("name")
+    if name is None:
+        job = (study.get("job") if study is not None else None) or (
+            job_dirname(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized()
+            else None)
+        name = f"{job}/seed={cfg.seed}" if job and job != "defaults" else f"seed={cfg.seed}"
+    rule_name = getattr(rule, "name", None) or str(cfg.method.get("_target_", "")).rsplit(".", 1)[-1]
+    data = cfg.data.get("name") or str(cfg.data.get("_target_", "")).rsplit(".", 1)[-1]
+    model = str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    tags = [str(t) for t in (node.get("tags") or [])] + [f"rule:{rule_name}", f"model:{model}",
+                                                          f"data:{data}"]
+    if study is not None:
+        tags.append(f"study:{study.get('name')}")
+    return {"group": group, "name": name, "job_type": node.get("job_type") or rule_name,
+            "tags": sorted(set(tags)), "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def _cluster_plugins():
+    """Under SLURM, Lightning's own SIGUSR1 requeue would race submitit's (which requeues the
+    job, while lcredit saves the checkpoint it resumes from): Lightning's is turned off."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
 
 
 def _callbacks(cfg, progress_bar: bool):
@@ -226,12 +271,26 @@ class Interrupted(BaseException):
         self.signum = int(signum)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+def hand_on(signals: dict) -> None:
+    """After an interrupted run is saved: the signal's previous Python handler, if any (under
+    submitit: requeue the job, which then resumes from its checkpoint)."""
+    signum = signals.get("signum")
+    prev = (signals.get("previous") or {}).get(signum)
+    if signum is not None and callable(prev) and prev is not signal.default_int_handler:
+        prev(signum, None)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGINT and SIGTERM set a flag that ``SignalStop`` turns into ``Interrupted`` at the next
-    batch; a second SIGINT stops at once. Outside the main thread signals cannot be caught
-    here, and the run keeps Python's defaults."""
-    state = {"signum": None}
+    """SIGINT, SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) set a flag
+    that ``SignalStop`` turns into ``Interrupted`` at the next batch; a second SIGINT stops at
+    once. The handlers that were there before (submitit's, which requeues the job) are kept in
+    ``state["previous"]``, for ``hand_on`` once the checkpoint and results are written. Outside
+    the main thread signals cannot be caught here, and the run keeps Python's defaults."""
+    state = {"signum": None, "previous": {}}
 
     def handler(signum, frame):
         if state["signum"] is not None and signum == signal.SIGINT:
@@ -242,7 +301,8 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    state["previous"] = old
     for s in old:
         signal.signal(s, handler)
     try:
@@ -291,7 +351,21 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     # Hydra's root handler already prints Lightning's messages; don't print them twice.
     logging.getLogger("lightning.pytorch").propagate = False
     config.validate(cfg)
+    if cfg.get("threads") not in (None, "null"):
+        torch.set_num_threads(int(cfg.threads))
+    out_path = Path(str(cfg.paths.output_dir))
+    prior = read_json(out_path / "results.json")
+    if prior is not None and prior.get("status") in ("completed", "aborted") and _skip_completed(cfg):
+        print(f"lcredit: {out_path} already holds a {prior['status']} run; not run again "
+              f"(skip_completed=false runs it anew)")
+        return prior
     resume = cfg.get("resume")
+    if resume is None and cfg.get("auto_resume", True):
+        # a requeued, relaunched or restarted job continues its own unfinished run
+        last = out_path / "checkpoints" / "last.ckpt"
+        if last.is_file() and (prior is None or prior.get("status") == "interrupted"):
+            resume = str(last)
+            log.info("resuming the unfinished run in %s from %s", out_path, last)
     resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     _check_trainer(tcfg)
@@ -309,7 +383,14 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     rule.run_config = resolved
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
-    callbacks = _callbacks(cfg, tcfg.get("enable_progress_bar", True)) + list(extra_callbacks)
+    # a bar only on a terminal; a log (SLURM, joblib, CI) gets one line per epoch instead
+    bar = bool(tcfg.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    tcfg["enable_progress_bar"] = bar
+    callbacks = _callbacks(cfg, bar) + list(extra_callbacks)
+    if not bar:
+        from lcredit.callbacks.progress import EpochLine
+
+        callbacks.append(EpochLine())
     if cfg.get("snapshot_epochs"):
         from lcredit.callbacks.snapshots import Snapshots
 
@@ -341,9 +422,10 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
         with stop_on_signals() as signals:
             callbacks.append(SignalStop(signals))
-            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt),
+            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt, rule),
                                 callbacks=callbacks, default_root_dir=str(out_dir),
-                                num_sanity_val_steps=0, enable_model_summary=False)
+                                num_sanity_val_steps=0, enable_model_summary=False,
+                                plugins=_cluster_plugins())
             signum = None  # a signal after the last batch: the run completed all the same
             try:
                 trainer.fit(rule, train_dataloaders=train_batches,
@@ -354,7 +436,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
                     raise
                 signum = signals["signum"]
     except SystemExit as err:
-        if err.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the frozen baseline's run
+        if err.code in {128 + s for s in STOP_SIGNALS}:  # the frozen baseline's run
             write_json(out_dir / "results.json", failure_record(cfg, err, rule, start) | {
                 "status": "interrupted", "error": None,
                 "interrupted": {"signal": signal.Signals(err.code - 128).name, "epochs_done": 0,
@@ -368,13 +450,38 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
                          interrupted=signum)
     write_json(out_dir / "results.json", results)
+    wandb_summary(trainer, results)
     print_summary(results, out_dir)
     report = results["protocol"]
     if report is not None and cfg.get("protocol", {}).get("print_report", True):
         Report.from_dict(report).print()
     if signum is not None:
+        hand_on(signals)
         raise SystemExit(128 + signum)
     return results
+
+
+def _skip_completed(cfg) -> bool:
+    value = cfg.get("skip_completed", "auto")
+    if value == "auto":  # on in sweeps: relaunching a half-finished sweep runs what is missing
+        return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    return bool(value)
+
+
+def wandb_summary(trainer, results: dict) -> None:
+    """The run's verdict, first-fire epochs and abort record in the W&B run summary."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            report = results.get("protocol") or {}
+            logger.experiment.summary.update({
+                "status": results["status"], "verdict": report.get("verdict"),
+                "reasons": report.get("reasons"),
+                "first_fired": results.get("protocol_first_fired"),
+                "abort": results.get("abort"), "final": results.get("final"),
+                "gamma_hidden": (report.get("aggregates") or {}).get("gamma_hidden")})
+            logger.experiment.finish()
 
 
 def _refuse_aborted(ckpt: dict, cfg: DictConfig, path) -> None:
@@ -439,6 +546,9 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         "history": history,
         "wall_time_s": time.perf_counter() - start,
         "train_time_s": sum(r["train_time_s"] for r in history),
+        # which process ran it, and when (parallel launchers: the jobs' spans overlap)
+        "process": {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
+                    "started": time.time() - (time.perf_counter() - start), "finished": time.time()},
         "protocol": report,
         "protocol_first_fired": rule.protocol_state.get("first_fired"),
         "abort": rule.abort_info,

@@ -82,7 +82,8 @@ class StudySweeper(Sweeper):
             for combo in itertools.product(*swept) if swept else [()]:
                 for key, value in combo:  # a swept value is an axis of its own
                     job.labels[key.split(".")[-1]] = value
-                batch.append([*fixed, *(f"{k}={v}" for k, v in combo), *sweep_overrides(job)])
+                # the command line's own values last: they win over the study's
+                batch.append([*sweep_overrides(job), *(f"{k}={v}" for k, v in combo), *fixed])
                 for key, _ in combo:
                     job.labels.pop(key.split(".")[-1])
         returns = []

@@ -118,7 +118,38 @@ class ProtocolMonitor(Callback):
             metrics[f"protocol/{k}_fired"] = float(d["fired"])
         metrics["protocol/trustworthy"] = float(report.verdict == "trustworthy")
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            if is_wandb(logger):
+                log_to_wandb(logger, metrics, report, trainer.global_step)
+            else:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def is_wandb(logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+# Norms span decades (a growing stream, a vanishing gradient): W&B gets their log10 beside them,
+# so their line charts read on a log scale without setting the axis by hand.
+LOG_SCALED = ("hidden_norm", "bp_grad_norm")
+REPORT_COLUMNS = ["epoch", "layer", "gamma", "null_gamma", "rho", "nudge", "hidden_norm",
+                  "bp_grad_norm", "verdict", "fired"]
+
+
+def log_to_wandb(logger, metrics: dict, report, step: int) -> None:
+    """The per-layer metrics (with log10 of the norms) and the report as a wandb.Table, one row
+    per layer, at each measurement."""
+    extra = {}
+    for key, v in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1] in LOG_SCALED and v > 0:
+            extra[f"diag/log10_{parts[1]}/{parts[2]}"] = math.log10(v)
+    logger.log_metrics({**metrics, **extra, "epoch": report.epoch}, step=step)
+    fired = ",".join(k for k, d in report.diagnostics.items() if d["fired"]) or "-"
+    rows = [[report.epoch, r["layer"], *(r.get(m) for m in REPORT_COLUMNS[2:8]), report.verdict,
+             fired] for r in report.layers]
+    logger.log_table(key="protocol/report", columns=REPORT_COLUMNS, data=rows, step=step)
 
 
 def compact(report) -> dict:
