@@ -16,6 +16,10 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_rep
 # tests of the measurement itself (test_diagnostics) and of the defaults use SPEC's.
 LIGHT_MEASURE = ["protocol.measure.rho_samples=256", "protocol.measure.rho_directions=8",
                  "protocol.measure.null_draws=4"]
+# For tests of plumbing around a run (resume, branching), not of the numbers measured.
+TINY_MEASURE = ["protocol.measure.rho_samples=32", "protocol.measure.rho_directions=2",
+                "protocol.measure.null_draws=2", "protocol.stability_batches=2",
+                "protocol.eval_batches=1", "protocol.batch_size=32"]
 TINY_LADDER = ["data.n_train=1024", "data.n_test=512", "model.d=32", "model.depth=2"]
 
 

@@ -25,10 +25,12 @@ CHEAPEST = {
     "snapshot_time_sweep": None, "synthetic_ladder": "bp", "toy_lq": "bp",
     "vector_field_pilot": "dfa", "width": "dfa",
 }
-CHEAP_STEPS = ["study.stages.exploit.config.step_sizes=[0.1]"]
+CHEAP_STEPS = ["study.stages.exploit.config.step_sizes=[0.1]",
+               "study.smoke.stages.exploit.config.fit_steps=10"]
 TRIM = {  # tool stages and rule lists cheap enough for a test (the studies keep them all)
     "snapshot_recovery": ["study.stages.probe.config.rules=[dfa,vec]",
-                          "~study.stages.probe.config.overrides"],
+                          "~study.stages.probe.config.overrides",
+                          "study.smoke.stages.probe.config.steps=10"],
     "snapshot_exploitability": ["study.stages.exploit.config.sources=[dfa,bp]", *CHEAP_STEPS],
     "snapshot_time_sweep": CHEAP_STEPS,
     "protocol_calibration": ["study.stages.runs.axes.rule.values=[bp,dfa]",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lcredit
-from conftest import assert_resume_exact, compose_cfg
+from conftest import TINY_MEASURE, assert_resume_exact, compose_cfg
 from lcredit.data import DeviceBatches, build_task
 from lcredit.errors import ConfigError
 from lcredit.train import build_rule, fit_task, train
@@ -62,7 +62,7 @@ def test_rule_x_architecture(tmp_path, arch, variant):
     assert [a.shape for a in credit] == [h.shape for h in states]
     assert all(torch.isfinite(a).all() for a in credit)
     if variant == ["method=bp"]:
-        rep = lcredit.diagnose(None, [(x, y)], credit=rule)
+        rep = lcredit.diagnose(None, [(x, y)], credit=rule, rho_directions=2, null_draws=2)
         for row in rep.layers:
             assert row["gamma"] == pytest.approx(1, abs=1e-6), row
 
@@ -95,7 +95,7 @@ def test_fa_layerwise_with_true_weights_is_bp(tmp_path, arch):
     ("small_cnn", ["model.widths=[8,16,16]", "model.fc_width=32"])])
 def test_image_models_learn_digits_with_bp(make_cfg, arch, size):
     results = train(make_cfg("method=bp", f"model={arch}", "data=digits", "trainer.max_epochs=5",
-                           "protocol.every_n_epochs=100", *size))
+                           "protocol.every_n_epochs=100", *TINY_MEASURE, *size))
     assert results["final"]["test_acc"] > 0.5, results["final"]  # chance is 0.1
     assert any("8x8 -> 32x32" in n for n in results["task_notes"])
 
@@ -166,4 +166,4 @@ def test_random_targets_replace_every_label(tmp_path, data):
 ])
 def test_resume_is_exact_for_each_model(make_cfg, arch, extra):
     assert_resume_exact(make_cfg, "method=dfa", *ARCHS[arch], *extra, "data.n_train=256",
-                        "data.n_test=64", "data.batch_size=64")
+                        "data.n_test=64", "data.batch_size=64", *TINY_MEASURE)

@@ -62,7 +62,7 @@ def runs(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=80, deadline=None, derandomize=True,
+@settings(max_examples=50, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(overrides=runs())
 def test_any_override_combination_runs_a_step_or_fails_in_one_line(tmp_path_factory, overrides):

@@ -138,16 +138,7 @@ def test_cli_default_run_writes_results(tmp_path):
     assert "results:" in proc.stdout
 
 
-@pytest.mark.slow
-def test_cli_sweep_makes_one_dir_per_job(tmp_path):
-    proc = run_cli("-m", "method=fa", "model.depth=2", "seed=1,2", "debug=fast",
-                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for seed in (1, 2):
-        job = tmp_path / "sweep" / "debug=fast,method=fa,model.depth=2" / f"seed={seed}"
-        results = json.loads((job / "results.json").read_text())
-        assert results["seed"] == seed and results["status"] == "completed"
-        assert (job / "config.yaml").exists() and (job / "checkpoints" / "last.ckpt").exists()
+# A sweep's job directories: test_protocol_runs' audit CLI sweep.
 
 
 @pytest.mark.slow

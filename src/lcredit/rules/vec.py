@@ -13,19 +13,19 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
     one-sided: (Lfwd(h + eps u) - Lfwd(h)) / eps. Lfwd runs the rest of the network *forward*
     from layer l: no backward pass. ``eps``: a number or one step per sample. Returns (M, B)."""
     m, n = u.shape[0], h.shape[0]
-    ys = y.repeat(m, *([1] * (y.ndim - 1)))
     eps = torch.as_tensor(eps, dtype=h.dtype, device=h.device).expand(n)
     step = eps.view(1, n, *([1] * (h.ndim - 1)))
-
-    def lfwd(states, labels):
-        return loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), labels)
+    # every perturbed state in one forward pass, stacked in the batch dimension: h + eps u for
+    # the M directions, then h - eps u (central) or h itself (one-sided)
+    other = h[None] if one_sided else h[None] - step * u
+    states = torch.cat([h[None] + step * u, other]).flatten(0, 1)
+    k = states.shape[0] // n
+    ys = y.repeat(k, *([1] * (y.ndim - 1)))
 
     with torch.no_grad(), preserved_buffers(model), no_autocast(h.device):
-        plus = lfwd((h[None] + step * u).flatten(0, 1), ys).view(m, n)
-        if one_sided:
-            return (plus - lfwd(h, y)[None]) / eps
-        minus = lfwd((h[None] - step * u).flatten(0, 1), ys).view(m, n)
-        return (plus - minus) / (2 * eps)
+        loss = loss_fn(model.readout(run_blocks(model, states, start=l)[-1]), ys).view(k, n)
+    plus, rest = loss[:m], loss[m:]
+    return (plus - rest) / (eps if one_sided else 2 * eps)
 
 
 class VEC(Estimator):
