@@ -38,6 +38,10 @@ TRIM = {  # tool stages and rule lists cheap enough for a test (the studies keep
 }
 
 
+# The frozen-blocks comparator (one more training run per job) is trained only where the
+# study's table turns on it; the others run without diagnostic (d) in this test.
+FROZEN_KEPT = {"both_below_frozen", "protocol_calibration", "six_rule_audit", "synthetic_ladder",
+               "checkpointed_handoff"}
 # the test checks the plumbing, not the numbers: the smallest measurement that still measures
 LIGHTER = ["protocol.measure.rho_samples=128", "protocol.measure.rho_directions=4",
            "protocol.measure.null_draws=2"]
@@ -51,7 +55,8 @@ def run_smoke(tmp_path, name):
     staged = list(stages(study_node(compose_job(name, ["scale=smoke"])), "smoke")) != ["main"]
     root = run(name, "smoke", tmp_path / "study",
                [*QUIET, *LIGHT_MEASURE, *LIGHTER, f"paths.cache_dir={tmp_path / 'cache'}",
-                *TRIM.get(name, []), *([] if staged else ["trainer.max_epochs=2"])],
+                *TRIM.get(name, []), *([] if staged else ["trainer.max_epochs=2"]),
+               *([] if name in FROZEN_KEPT else ["protocol.frozen_baseline=null"])],
                arms=[arm] if arm else None, seeds=[0])
     results = sorted(root.glob("**/results.json"))
     assert results

@@ -173,6 +173,13 @@ def job_groups(records: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def completed_groups(records: list[dict], lines: list[str]):
+    """For each (stage, job): append its heading (with the status tally) to ``lines`` and yield
+    (stage, job, completed records) where it has any."""
+    for stage, job, ok in completed_groups(records, lines):
+        yield stage, job, ok
+
+
 def train_rows(study: dict, records: list[dict]) -> tuple[list[str], list[dict]]:
     """One row per (arm, point): status, n, and mean/std of every reported column."""
     cols = columns(study, records)
@@ -293,12 +300,7 @@ def by_seed_table(records: list[dict]) -> str:
 def probe_markdown(records: list[dict]) -> tuple[str, list[list]]:
     """Per snapshot and fitted rule: gamma, rho, nudge per layer, mean ± std over seeds."""
     lines, rows = ["## Credit recovered on the frozen snapshot (probe)", ""], []
-    for (stage, job), recs in job_groups(records).items():
-        ok = [r for r in recs if r.get("status") == "completed"]
-        lines.append(f"### {stage}/{job} ({_status_cell(recs)})")
-        if not ok:
-            lines.append("")
-            continue
+    for stage, job, ok in completed_groups(records, lines):
         rules = list(ok[0]["probe"]["rules"])
         depth = len(next(iter(ok[0]["probe"]["rules"].values()))["layers"])
         for key in ("gamma", "rho", "nudge"):

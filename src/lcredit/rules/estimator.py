@@ -168,7 +168,20 @@ class Estimator(DFA):
         # Resumable randomness (directions, bridge noise): drawn from (seed, aux step), and the
         # step counter is part of the state.
         self.register_buffer("aux_steps", torch.zeros((), dtype=torch.long))
+        # ...and mirrored on the host, where the noise seed is formed: reading the buffer each
+        # step would wait for the device. The mirror follows every load of a state dict.
+        self._aux_host = 0
+        self.register_load_state_dict_post_hook(Estimator._mirror_aux_steps)
         self.register_buffer("_aux_sums", torch.zeros(2, dtype=torch.float64), persistent=False)
+
+    @staticmethod
+    def _mirror_aux_steps(module, incompatible_keys) -> None:
+        module._aux_host = int(module.aux_steps)
+
+    def seek_noise(self, step: int) -> None:
+        """Draw the next step's noise as step ``step`` did (the counter, host and device)."""
+        self._aux_host = int(step)
+        self.aux_steps.fill_(self._aux_host)
 
     @staticmethod
     def _parse_refit(spec):
@@ -315,7 +328,7 @@ class Estimator(DFA):
         are exact; independent draws (one per layer, say) use different streams."""
         seed = int((self.run_config or {}).get("seed", 0))
         return torch.Generator(device=device).manual_seed(
-            (seed * 1_000_003 + int(self.aux_steps) * 7_919 + stream * 104_729 + stream)
+            (seed * 1_000_003 + self._aux_host * 7_919 + stream * 104_729 + stream)
             % (2**63 - 1))
 
     def train_auxiliary(self, p: Pass) -> None:
@@ -326,7 +339,8 @@ class Estimator(DFA):
         if params:
             with torch.enable_grad():
                 loss = self.estimator_loss(p)
-        self.aux_steps += 1
+        self._aux_host += 1
+        self.aux_steps.fill_(self._aux_host)
         if loss is None:
             return
         grads = torch.autograd.grad(loss, params, allow_unused=True)
