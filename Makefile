@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 # The torch pair this project is developed and tested with; override for another platform,
 # e.g. `make run TORCH="torch torchvision"`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-# The suite runs on every core (pytest-xdist), a test module per worker so module fixtures are
-# built once; `make test PYTEST=` runs it in one process.
-PYTEST ?= -n auto --dist loadscope
+# The suite runs on every core (pytest-xdist), test by test, except that the tests sharing an
+# expensive module fixture are one xdist_group (one worker builds it once); `make test PYTEST=`
+# runs it in one process.
+PYTEST ?= -n auto --dist loadgroup
 
 .PHONY: setup dev run test bench ladder default-task studies-doc clean
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import lcredit.train as lt
+import reference
 from lcredit.data.synthetic import gaussian_images
 from lcredit.models import ResMLP
 
@@ -31,45 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------- the plain reference loops
-class FeedbackLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, fb):
-        ctx.save_for_backward(x, fb)
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, fb = ctx.saved_tensors
-        return g @ fb, g.T @ x, g.sum(0), None
-
-
-def plain_step(rule, model, feedback, opt, xb, yb):
-    opt.zero_grad(set_to_none=True)
-    if rule in ("bp", "fa"):
-        # fa (layerwise): one graph whose block linears use fixed random feedback backward.
-        h = model.embed(xb)
-        for block in model.blocks:
-            if rule == "fa":
-                f = block.ln(h)
-                f = FeedbackLinearFn.apply(f, block.fc1.weight, block.fc1.bias, feedback[id(block.fc1)])
-                f = FeedbackLinearFn.apply(block.act(f), block.fc2.weight, block.fc2.bias,
-                                           feedback[id(block.fc2)])
-                h = h + f
-            else:
-                h = block(h)
-        F.cross_entropy(model.readout(h), yb).backward()
-    else:  # dfa: graph cut at every block; e·B_l as each block's output gradient
-        h0 = model.embed(xb)
-        outs, h = [], h0.detach()
-        for block in model.blocks:
-            h = block(h)
-            outs.append(h)
-            h = h.detach()
-        logits = model.readout(h)
-        loss = F.cross_entropy(logits, yb)
-        e = (torch.softmax(logits.detach(), -1) - F.one_hot(yb, 10)) / len(yb)
-        torch.autograd.backward([loss, h0, *outs], [None] + [e @ B for B in feedback])
-    opt.step()
+# scripts/reference.py: each rule's math as a minimal loop (tests/test_reference.py holds
+# lcredit to it). The fa timed here is Lillicrap's layerwise FA.
+PLAIN = {"bp": "bp", "dfa": "dfa", "fa": "fa_layerwise"}
 
 
 class PlainLoop:
@@ -82,7 +46,7 @@ class PlainLoop:
         if rule == "dfa":
             self.feedback = [torch.randn(10, d) / d**0.5 for _ in range(depth + 1)]
         else:
-            self.feedback = {id(m): torch.empty_like(m.weight).uniform_(-1, 1) / m.weight.shape[1] ** 0.5
+            self.feedback = {m: torch.empty_like(m.weight).uniform_(-1, 1) / m.weight.shape[1] ** 0.5
                              for b in self.model.blocks for m in (b.fc1, b.fc2)}
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.gen = torch.Generator().manual_seed(seed)
@@ -97,7 +61,7 @@ class PlainLoop:
                 self.order, self.pos = torch.randperm(len(x), generator=self.gen), 0
             idx = self.order[self.pos:self.pos + self.batch_size]
             self.pos += self.batch_size
-            plain_step(self.rule, self.model, self.feedback, self.opt, x[idx], y[idx])
+            reference.STEPS[PLAIN[self.rule]](self.model, self.feedback, self.opt, x[idx], y[idx])
         return time.perf_counter() - t0
 
 

@@ -1,5 +1,5 @@
-"""The end-to-end smoke run of a study and its report (tests/test_study_smoke_*.py: the studies
-split over two modules so that pytest-xdist's loadscope runs them on two workers)."""
+"""The end-to-end smoke run of a study and its report (tests/test_study_smoke_*.py, the studies
+in two halves)."""
 import json
 import os
 import time

@@ -43,6 +43,7 @@ def dfa_run(tmp_path_factory):
                              "trainer.max_epochs=2"))
 
 
+@pytest.mark.xdist_group("dfa_run")
 def test_init_from_starts_from_the_checkpoints_network_and_feedback(make_cfg, dfa_run):
     seen = StartState()
     r = train(make_cfg("method=blend", *SMALL, "trainer.max_epochs=1",
@@ -61,6 +62,7 @@ def vec_blend_run(tmp_path_factory):
     return train(compose_cfg(out / "run", "method=blend", *SMALL, "trainer.max_epochs=1"))
 
 
+@pytest.mark.xdist_group("vec_blend_run")
 @pytest.mark.parametrize("source", SOURCES)
 def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_run, source):
     """Controls (random_trainable, frozen_random, ...) start from their own random init: taken
@@ -80,6 +82,7 @@ def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_r
     assert bool(loaded) == (source in ("vec", "dfa_norm_matched")), taken
 
 
+@pytest.mark.xdist_group("vec_blend_run")
 def test_a_module_that_only_partly_fits_is_kept_fresh_whole(make_cfg, vec_blend_run):
     """Another conditioning code changes some of the field's shapes: the field must then start
     wholly fresh (not a trained trunk behind a fresh input layer), and results say so."""
@@ -99,6 +102,7 @@ def test_a_module_that_only_partly_fits_is_kept_fresh_whole(make_cfg, vec_blend_
     assert "model" in taken["loaded"]
 
 
+@pytest.mark.xdist_group("dfa_run")
 def test_init_from_a_different_model_is_a_clear_error(make_cfg, dfa_run):
     with pytest.raises(ConfigError, match="init_from"):
         train(make_cfg("method=vec", *SMALL, "model.d=48", f"init_from={dfa_run['checkpoint']}"))
@@ -142,6 +146,7 @@ def bp_snapshot(tmp_path_factory):
                              "model.d=64", "model.depth=3", "trainer.max_epochs=3"))
 
 
+@pytest.mark.xdist_group("bp_snapshot")
 def test_probe_on_a_bp_snapshot_recovers_credit_beyond_dfa(bp_snapshot):
     res = probe(bp_snapshot["checkpoint"], ["dfa", "sb", "vec"], steps=300,
                 overrides={"vec": {"aux_lr": 3e-3}, "sb": {"aux_lr": 3e-3}})
@@ -152,6 +157,7 @@ def test_probe_on_a_bp_snapshot_recovers_credit_beyond_dfa(bp_snapshot):
     assert all(set(row) >= {"gamma", "rho", "nudge"} for row in res["rules"]["sb"]["layers"])
 
 
+@pytest.mark.xdist_group("bp_snapshot")
 def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
     res = exploit(bp_snapshot["checkpoint"], ["bp", "own", "dfa"], k=3, step_sizes=[1e-3, 1e-2],
                   fit_steps=0)
@@ -177,6 +183,7 @@ def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
     (probe, {"rules": ["dfa"], "overrides": {"vecc": {"M": 8}}}, "overrides.vecc"),
     (probe, {"rules": ["dfa"], "optim": "nope"}, "estimator_optim='nope'"),
 ])
+@pytest.mark.xdist_group("bp_snapshot")
 def test_snapshot_tools_refuse_bad_options_by_name(bp_snapshot, tool, kwargs, needle):
     with pytest.raises(ConfigError) as err:
         tool(bp_snapshot["checkpoint"], **kwargs)
@@ -201,6 +208,7 @@ def test_exploit_report_says_diverged_rather_than_nan():
     assert "| dfa | normalised | 1 | diverged | diverged |" in text and "nan" not in text
 
 
+@pytest.mark.xdist_group("bp_snapshot")
 def test_probe_and_exploit_clis_write_their_files(bp_snapshot, tmp_path):
     for tool, args, name in [("probe", ["rules=[dfa]", "steps=0"], "probe"),
                              ("exploit", ["sources=[bp]", "k=1", "step_sizes=[0.01]"], "exploit")]:

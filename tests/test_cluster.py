@@ -118,3 +118,34 @@ def test_a_preempted_job_resumes_by_itself_and_a_completed_one_is_not_rerun(tmp_
     assert "\r" not in log and sum(ln.startswith("epoch ") for ln in log.splitlines()) >= 2
 
 
+
+
+def test_submitits_requeue_runs_after_the_checkpoint_and_results_are_saved(tmp_path):
+    """Under submitit, SLURM's time-limit warning (SIGUSR2) goes to submitit's handler, which
+    requeues the job and exits at once. lcredit takes the signal first: it stops at the next
+    batch, saves, writes an `interrupted` results.json, and only then hands on to that handler."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen = {}
+
+    def submitit_handler(signum, frame):  # what submitit's checkpoint_and_try_requeue does
+        out = tmp_path / "run" / "results.json"
+        seen["status"] = json.loads(out.read_text())["status"] if out.is_file() else None
+        raise SystemExit(-1)
+
+    class Warn(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train(compose_cfg(tmp_path / "run", *TINY, "trainer.max_epochs=3"),
+                  extra_callbacks=[Warn()])
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert exit_.value.code == -1 and seen["status"] == "interrupted"
+    part = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert part["interrupted"]["signal"] == "SIGUSR2"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -278,3 +278,23 @@ def test_a_run_measures_at_spec_sizes_by_default(make_cfg):
     extra = r["protocol"]["extra"]
     assert (extra["rho_samples"], extra["rho_directions"], extra["null_draws"]) == (1024, 32, 20)
     assert list(r["protocol"]["aggregates"])[0] == "gamma_hidden"
+
+
+def test_dfas_null_draws_in_one_pass_equal_redrawn_copies():
+    """The chance level's feedback draws: batched (one forward, every draw's e B_l at once)
+    they give what copies of the rule with redrawn feedback give, draw for draw."""
+    rule = DFA(model(), SHAPE, C).double()
+    x, y = batches(1)[0]
+    x = x.double()
+    draws = rule.feedback_draws(5, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    copies = []
+    for _ in range(5):
+        c = copy.deepcopy(rule)
+        c.draw_feedback(gen)
+        copies.append(c.credit(x, y))
+    assert len(draws) == 5
+    for batched, one in zip(draws.credit_sets(x, y), copies):
+        for a, b in zip(batched, one):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(copies[0][1], copies[1][1])  # the draws do differ

@@ -360,6 +360,7 @@ def ladder_runs(tmp_path_factory):
     return trained, untrained
 
 
+@pytest.mark.xdist_group("ladder_runs")
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ONLINE)
 def test_learned_estimators_learn_online_to_align_better_than_dfa(ladder_runs, method):
@@ -373,6 +374,7 @@ def test_learned_estimators_learn_online_to_align_better_than_dfa(ladder_runs, m
     assert trained[method] > trained["dfa"] + (0.05 if method == "sb" else 0.2), trained
 
 
+@pytest.mark.xdist_group("ladder_runs")
 @pytest.mark.slow
 def test_ep_aligns_like_bp_on_the_ladder(ladder_runs):
     trained, _ = ladder_runs

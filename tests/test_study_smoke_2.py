@@ -1,5 +1,5 @@
 """Every study runs end to end at scale=smoke and its report is produced (part 2 of 2; the
-other part is tests/test_study_smoke_1.py, so the two run on two workers)."""
+other part is tests/test_study_smoke_1.py)."""
 import pytest
 
 from study_smoke import run_smoke

@@ -146,6 +146,8 @@ def test_cli_bad_override_is_one_clear_line(tmp_path):
     proc = run_cli("model.act=swish", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "model.act" in proc.stderr and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and lines[0].startswith("lcredit: error:"), proc.stderr[-1500:]
 
 
 def test_path_overrides_with_sweep_syntax_are_quoted():

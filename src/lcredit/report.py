@@ -176,7 +176,12 @@ def job_groups(records: list[dict]) -> dict[tuple, list[dict]]:
 def completed_groups(records: list[dict], lines: list[str]):
     """For each (stage, job): append its heading (with the status tally) to ``lines`` and yield
     (stage, job, completed records) where it has any."""
-    for stage, job, ok in completed_groups(records, lines):
+    for (stage, job), recs in job_groups(records).items():
+        ok = [r for r in recs if r.get("status") == "completed"]
+        lines.append(f"### {stage}/{job} ({_status_cell(recs)})")
+        if not ok:
+            lines.append("")
+            continue
         yield stage, job, ok
 
 

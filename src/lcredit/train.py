@@ -271,7 +271,10 @@ class Interrupted(BaseException):
         self.signum = int(signum)
 
 
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+# SIGUSR2 is what submitit has SLURM send before a time limit (--signal=USR2@90); its handler
+# requeues the job and exits at once, so lcredit takes the signal first, saves, then hands on.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, n))
 
 
 def hand_on(signals: dict) -> None:
@@ -285,7 +288,7 @@ def hand_on(signals: dict) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGINT, SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) set a flag
+    """SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 (a scheduler's preemption or time-limit warning) set a flag
     that ``SignalStop`` turns into ``Interrupted`` at the next batch; a second SIGINT stops at
     once. The handlers that were there before (submitit's, which requeues the job) are kept in
     ``state["previous"]``, for ``hand_on`` once the checkpoint and results are written. Outside

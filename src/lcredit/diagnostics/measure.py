@@ -41,12 +41,22 @@ def fresh_feedback_copies(rule, draws: int, generator: torch.Generator):
     estimator keeps DFA's feedback only as a fallback): it gets a DFA null."""
     if not hasattr(rule, "draw_feedback") or not getattr(rule, "credit_is_feedback", True):
         return None
+    if hasattr(rule, "feedback_draws"):  # the draws' credit in one pass, no copies (dfa)
+        return rule.feedback_draws(draws, generator)
     out = []
     for _ in range(draws):
         c = copy.deepcopy(rule)
         c.draw_feedback(generator)
         out.append(c)
-    return out
+    return CopiedDraws(out)
+
+
+class CopiedDraws(list):
+    """Copies of a rule with redrawn feedback; their credit one copy at a time (fa: each draw
+    is its own backward chain)."""
+
+    def credit_sets(self, x, y):
+        return [c.credit(x, y) for c in self]
 
 
 def dfa_null(model, x, y, states, loss_fn, generator):
@@ -182,7 +192,7 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             missing[l] += miss
             flat[l].append((credits[l].detach().double().flatten(), grads[l].double().flatten()))
         if bi == 0:  # the chance level needs no more than one batch per draw
-            null_sets = ([c.credit(x, y) for c in nulls] if nulls is not None else
+            null_sets = (nulls.credit_sets(x, y) if nulls is not None else
                          [dfa_null(net, x, y, states, loss_fn, gen)
                           for _ in range(o["null_draws"])])
             for l in range(n_layers):
