@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import check_choice, check_range
 from lcredit.models.base import BlockModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
