@@ -97,3 +97,67 @@ class GivenCredit(Rule):
 
     def layer_credit(self, l, p, vjp):
         return self.given[l]
+
+
+def forked_cli(module, *args, cwd, env=None, timeout=300):
+    """``python -m <module> <args>`` run in a fork of this test process: the same entry point
+    (``runpy`` as ``__main__``, fresh sys.argv, cwd and environment, its own stdout/stderr and
+    exit code), without paying the interpreter's start and the torch + Lightning import again
+    (~16 CPU-s a start on this machine). Returns a CompletedProcess. For tests of what the
+    command does; a test of the installed interpreter's view (a wheel) starts a real one."""
+    import runpy
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import warnings
+
+    out, err = (tempfile.TemporaryFile(mode="w+") for _ in range(2))
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+            sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.chdir(cwd)
+            if env is not None:  # the child's whole environment, as subprocess's env= is
+                os.environ.clear()
+                os.environ.update(env)
+            warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore did for the subprocesses
+            GlobalHydra.instance().clear()
+            sys.argv = [module, *map(str, args)]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 — what an uncaught error does to a real process
+            import traceback
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+            os._exit(code & 0xFF if code >= 0 else 256 + code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired([module, *args], timeout)
+        time.sleep(0.05)
+    code = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    return subprocess.CompletedProcess([module, *args], code, out.read(), err.read())

@@ -1,13 +1,11 @@
 """Branching (init_from, prefit, periodic refit) and the probe / exploit tools."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY_LADDER, TINY_MEASURE
+from conftest import TINY_LADDER, TINY_MEASURE, forked_cli
 from lcredit.data import build_task
 from lcredit.errors import ConfigError
 from lcredit.exploit import exploit
@@ -212,9 +210,8 @@ def test_exploit_report_says_diverged_rather_than_nan():
 def test_probe_and_exploit_clis_write_their_files(bp_snapshot, tmp_path):
     for tool, args, name in [("probe", ["rules=[dfa]", "steps=0"], "probe"),
                              ("exploit", ["sources=[bp]", "k=1", "step_sizes=[0.01]"], "exploit")]:
-        proc = subprocess.run([sys.executable, "-m", f"lcredit.{tool}",
-                               f"ckpt={bp_snapshot['checkpoint']}", f"out={tmp_path}", *args],
-                              capture_output=True, text=True, timeout=300)
+        proc = forked_cli(f"lcredit.{tool}", f"ckpt={bp_snapshot['checkpoint']}",
+                          f"out={tmp_path}", *args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["snapshot_rule"] == "bp"

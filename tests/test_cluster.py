@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, LIGHT_MEASURE, compose_cfg
+from conftest import CONF, LIGHT_MEASURE, compose_cfg, forked_cli
 from lcredit.train import train
 
 pytestmark = pytest.mark.slow
@@ -21,9 +21,8 @@ TINY = ["data=ladder", "data.n_train=1024", "data.n_test=512", "model.d=32", "mo
 
 
 def sweep(tmp_path, *args, env=None, check=True):
-    cmd = [sys.executable, "-m", "lcredit.train", *TINY, f"hydra.sweep.dir={tmp_path}", *args, "-m"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path.parent,
-                         env=dict(os.environ, **(env or {})), timeout=600)
+    out = forked_cli("lcredit.train", *TINY, f"hydra.sweep.dir={tmp_path}", *args, "-m",
+                     cwd=tmp_path.parent, env=dict(os.environ, **(env or {})), timeout=600)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -102,7 +101,7 @@ def test_a_preempted_job_resumes_by_itself_and_a_completed_one_is_not_rerun(tmp_
     job = Path(part["output_dir"])
     assert (job / "checkpoints" / "last.ckpt").is_file()
     # relaunching the same command (no resume=) finishes it from its own checkpoint
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    again = forked_cli(*cmd[2:], cwd=tmp_path, timeout=600)  # the same command again
     assert again.returncode == 0, again.stderr[-2000:]
     (done,) = results(root)
     assert done["status"] == "completed" and done["resumed_from"].endswith("last.ckpt")
@@ -110,7 +109,7 @@ def test_a_preempted_job_resumes_by_itself_and_a_completed_one_is_not_rerun(tmp_
     assert [h["test_acc"] for h in done["history"]] == [h["test_acc"] for h in ref["history"]]
     # a third launch runs nothing: the job completed
     stamp = (job / "results.json").stat().st_mtime_ns
-    third = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    third = forked_cli(*cmd[2:], cwd=tmp_path, timeout=300)
     assert third.returncode == 0 and "not run again" in third.stdout + third.stderr
     assert (job / "results.json").stat().st_mtime_ns == stamp
     # the log of a non-terminal run: one line per epoch, no progress-bar redraws

@@ -1,14 +1,12 @@
 """The protocol during training: measuring, logging, aborting, the comparator, the audit."""
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import LIGHT_MEASURE, TINY_LADDER
+from conftest import LIGHT_MEASURE, TINY_LADDER, forked_cli
 from lcredit.audit import audit
 from lcredit.errors import ConfigError
 from lcredit.train import train
@@ -165,12 +163,10 @@ def test_audit_refuses_a_checkpoint_without_feedback(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_audit_cli_and_two_job_sweep_with_one_abort(tmp_path):
-    env_py = [sys.executable, "-m"]
-    proc = subprocess.run(
-        env_py + ["lcredit.train", "-m", "method=dfa", "debug=fast", "protocol.every_n_epochs=1",
-                  "protocol.frozen_baseline=null", "protocol.thresholds.a=1.0,50",
-                  "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sweep", *LIGHT_MEASURE],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = forked_cli(
+        "lcredit.train", "-m", "method=dfa", "debug=fast", "protocol.every_n_epochs=1",
+        "protocol.frozen_baseline=null", "protocol.thresholds.a=1.0,50",
+        "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path}/sweep", *LIGHT_MEASURE, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {p.parent.parent.name: json.loads(p.read_text())
             for p in (tmp_path / "sweep").glob("*/*/results.json")}
@@ -187,8 +183,7 @@ def test_audit_cli_and_two_job_sweep_with_one_abort(tmp_path):
     assert len(completed[0]["history"]) == 3 and aborted[0]["abort"]["epoch"] == 1
 
     ckpt = aborted[0]["checkpoint"]
-    proc = subprocess.run(env_py + ["lcredit.audit", f"ckpt={ckpt}", f"out={tmp_path}/audit"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = forked_cli("lcredit.audit", f"ckpt={ckpt}", f"out={tmp_path}/audit", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     audited = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audited["layers"] == aborted[0]["protocol"]["layers"]

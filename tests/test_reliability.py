@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import LIGHT_MEASURE, QUIET, TINY_LADDER, compose_cfg
+from conftest import LIGHT_MEASURE, QUIET, TINY_LADDER, compose_cfg, forked_cli
 from lcredit.errors import ConfigError
 from lcredit.train import RunAborted, train
 
@@ -20,10 +20,8 @@ TINY = [*TINY_LADDER, "data.n_train=512"]
 EVERY = ["protocol.every_n_epochs=1"]
 
 
-def cli(*args, cwd, timeout=300, module="lcredit.train", **popen):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+def cli(*args, cwd, timeout=300, module="lcredit.train"):
+    return forked_cli(module, *args, cwd=cwd, timeout=timeout)
 
 
 # ---------------------------------------------------------------- 1. resume checks its settings

@@ -3,15 +3,13 @@ at scale=smoke and reports, the report's numbers are numpy's, a staged rerun res
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import CONF, LIGHT_MEASURE
+from conftest import CONF, LIGHT_MEASURE, forked_cli
 from lcredit.errors import ConfigError
 from lcredit.report import report
 from lcredit.study import compose_job, expand, run, stages, study_node
@@ -125,9 +123,8 @@ def test_a_study_config_is_not_a_lone_run(make_cfg):
 
 
 def test_a_staged_study_refuses_the_plain_sweep(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lcredit.train", "experiment=checkpointed_handoff",
-                          "scale=smoke", f"hydra.sweep.dir={tmp_path}", "-m"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = forked_cli("lcredit.train", "experiment=checkpointed_handoff", "scale=smoke",
+                     f"hydra.sweep.dir={tmp_path}", "-m", cwd=tmp_path, timeout=120)
     assert out.returncode == 2
     assert "python -m lcredit.study checkpointed_handoff" in out.stderr
     assert "Traceback" not in out.stderr
@@ -140,12 +137,10 @@ def sweep(tmp_path_factory):
     """A 2-arm x 2-seed study sweep through the CLI (the Hydra sweeper plugin)."""
     root = tmp_path_factory.mktemp("sweep")
     env = dict(os.environ, LCREDIT_CACHE=str(root / "cache"))
-    out = subprocess.run(
-        [sys.executable, "-m", "lcredit.train", "experiment=six_rule_audit", "scale=smoke",
-         "seed=0,1", "hydra.sweeper.arms=[bp,dfa]", "trainer.max_epochs=2",
-         f"hydra.sweep.dir={root / 'six'}", *QUIET,
-         *LIGHT_MEASURE, "-m"],
-        capture_output=True, text=True, cwd=root, env=env, timeout=900)
+    out = forked_cli("lcredit.train", "experiment=six_rule_audit", "scale=smoke", "seed=0,1",
+                     "hydra.sweeper.arms=[bp,dfa]", "trainer.max_epochs=2",
+                     f"hydra.sweep.dir={root / 'six'}", *QUIET, *LIGHT_MEASURE, "-m",
+                     cwd=root, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "six"
 

@@ -1,15 +1,12 @@
 """End-to-end training through ``lcredit.train.train`` (in-process) and the CLI (subprocess)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from conftest import TINY_LADDER, assert_resume_exact
+from conftest import TINY_LADDER, assert_resume_exact, forked_cli
 from lcredit.data import build_task
 from lcredit.errors import ConfigError
 from lcredit.train import build_rule, train
@@ -121,9 +118,7 @@ def test_bad_config_fails_early_naming_the_key(make_cfg, override, needle):
 
 
 def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "lcredit.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return forked_cli("lcredit.train", *args, cwd=cwd)
 
 
 @pytest.mark.slow
