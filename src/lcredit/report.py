@@ -324,12 +324,7 @@ def probe_markdown(records: list[dict]) -> tuple[str, list[list]]:
 
 def exploit_markdown(records: list[dict]) -> tuple[str, list[list]]:
     lines, rows = ["## Exploitability: loss change after local steps", ""], []
-    for (stage, job), recs in job_groups(records).items():
-        ok = [r for r in recs if r.get("status") == "completed"]
-        lines.append(f"### {stage}/{job} ({_status_cell(recs)})")
-        if not ok:
-            lines.append("")
-            continue
+    for stage, job, ok in completed_groups(records, lines):
         e = ok[0]["exploit"]
         lines += ["", f"{e['k']} step(s) on {e['blocks']} blocks; Δ loss (negative: the step "
                   "helped), mean ± std over seeds", "",
