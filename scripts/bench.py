@@ -1,18 +1,32 @@
-"""Seconds per training epoch: lcredit (Lightning + Hydra config + shared local update) next to a
-minimal plain-PyTorch loop doing the same math, in one run on one machine.
+"""Milliseconds per training step of every rule: lcredit (Lightning + Hydra config + the shared
+block-local update) next to its plain reference loop (scripts/reference.py: the same math in
+plain PyTorch), in one process on one device; peak memory of a step; the protocol's share of
+the default run.
 
-    python scripts/bench.py            # writes docs/bench.json and docs/bench.md
+    python scripts/bench.py                      # CPU; writes docs/bench.json and docs/bench.md
+    python scripts/bench.py --device cuda --out docs/bench_cuda
 
-Input: CIFAR-shaped Gaussian data (3x32x32, 50,000 samples), resmlp d=256 depth 4, batch 128,
-Adam. Every 20 framework steps, 20 plain steps run in the same process, so each pair of
-segments sees the same machine state; epoch 1 is a warm-up. The figure is the median of the
-paired ratios (s/epoch: median segment time scaled to an epoch). The protocol's cost is measured on the
-default run, in-run (its own timer) and as best-of-N wall time with and without the callback.
+Tasks: ``default`` (the default run's data and model: the low-dimensional ladder, resmlp
+d=128 depth 4) and ``cifar`` (CIFAR-shaped Gaussian input 3x32x32, resmlp d=256 depth 4),
+batch 128, Adam. Each rule trains ``--epochs`` epochs of ``--steps`` batches (the first a
+warm-up) with its protocol callbacks off (the protocol is timed on its own, below); every 20
+framework steps, 20 reference steps run in the same process, so each pair of segments sees the
+same machine state. ms/step is the median segment time over 20; the ratio is the median of the
+paired ratios.
+
+Peak memory: the most a step holds at once (parameters, gradients, optimizer state, activations
+and temporaries), over a few direct steps of each arm (lcredit's training step without the
+Lightning loop, and the reference step): from the profiler's memory timeline on a CPU
+(torch.profiler), from the allocator's peak on CUDA.
+
+The protocol's cost is measured on the default run (dfa, ladder, 15 epochs): its own timer's
+share of the run, and best-of-N wall time with and without the callback.
 """
 import argparse
 import json
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,187 +35,336 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 
 import lcredit.train as lt
 import reference
-from lcredit.data.synthetic import gaussian_images
-from lcredit.models import ResMLP
+from lcredit.data import build_task
 
 REPO = Path(__file__).resolve().parents[1]
+STEP_K = 20  # steps per timed segment
+
+# bench row -> (lcredit overrides, reference loop). fa is the original study's (blockwise) FA;
+# cb runs its rule phase throughout (its 20% DFA warm-up would time DFA's step instead).
+RULES = {
+    "bp": (["method=bp"], "bp"),
+    "frozen": (["method=frozen"], "frozen"),
+    "dfa": (["method=dfa"], "dfa"),
+    "fa": (["method=fa"], "fa_blockwise"),
+    "fa_layerwise": (["method=fa", "method.variant=layerwise"], "fa_layerwise"),
+    "ep": (["method=ep"], "ep"),
+    "sb": (["method=sb"], "sb"),
+    "cb": (["method=cb", "method.warmup_ratio=0"], "cb"),
+    "vec": (["method=vec"], "vec"),
+    "blend": (["method=blend"], "blend"),
+}
+TASKS = {
+    "default": ("ladder_lowdim, resmlp d=128 depth 4 (the default run's)", []),
+    "cifar": ("gaussian_images 3x32x32, resmlp d=256 depth 4 (CIFAR-shaped)",
+              ["data=gaussian_images", "data.n_train=20000", "data.n_test=2000", "model.d=256",
+               "model.depth=4"]),
+}
+TARGETS = {"ratio": 1.10, "memory_ratio": 1.30, "protocol_share": 0.05}
 
 
-# ----------------------------------------------------------------- the plain reference loops
-# scripts/reference.py: each rule's math as a minimal loop (tests/test_reference.py holds
-# lcredit to it). The fa timed here is Lillicrap's layerwise FA.
-PLAIN = {"bp": "bp", "dfa": "dfa", "fa": "fa_layerwise"}
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compose_cfg(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
 
 
 class PlainLoop:
-    """The plain reference for one rule: its own model, feedback, optimizer and permutations."""
+    """The reference arm: its own model (same init as lcredit's), state, optimizer and
+    on-device permutations of the task's training set."""
 
-    def __init__(self, rule, task, batch_size, d, depth, seed):
-        torch.manual_seed(seed)
-        self.rule, self.task, self.batch_size = rule, task, batch_size
-        self.model = ResMLP(task.input_shape, 10, d=d, depth=depth)
-        if rule == "dfa":
-            self.feedback = [torch.randn(10, d) / d**0.5 for _ in range(depth + 1)]
-        else:
-            self.feedback = {m: torch.empty_like(m.weight).uniform_(-1, 1) / m.weight.shape[1] ** 0.5
-                             for b in self.model.blocks for m in (b.fc1, b.fc2)}
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, name, cfg, task, batch_size, device):
+        torch.manual_seed(int(cfg.seed))
+        self.name, self.batch_size, self.device = name, batch_size, device
+        self.model = instantiate(cfg.model, input_shape=task.input_shape,
+                                 num_classes=task.num_classes).to(device)
+        self.state = reference.make_state(name, self.model, task.num_classes)
+        self.opt = torch.optim.Adam(reference.param_groups(name, self.model, self.state), lr=1e-3)
+        self.x, self.y = task.x_train.to(device), task.y_train.to(device)
+        self.gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
         self.order, self.pos = None, 0
 
+    def batch(self):
+        if self.order is None or self.pos >= len(self.x):
+            self.order = torch.randperm(len(self.x), generator=self.gen, device=self.device)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.x[idx], self.y[idx]
+
+    def step(self, x, y):
+        reference.STEPS[self.name](self.model, self.state, self.opt, x, y)
+
     def steps(self, k: int) -> float:
-        """Time k training steps, continuing through on-device permutations like an epoch."""
+        sync(self.device)
         t0 = time.perf_counter()
-        x, y = self.task.x_train, self.task.y_train
         for _ in range(k):
-            if self.order is None or self.pos >= len(x):
-                self.order, self.pos = torch.randperm(len(x), generator=self.gen), 0
-            idx = self.order[self.pos:self.pos + self.batch_size]
-            self.pos += self.batch_size
-            reference.STEPS[PLAIN[self.rule]](self.model, self.feedback, self.opt, x[idx], y[idx])
+            self.step(*self.batch())
+        sync(self.device)
         return time.perf_counter() - t0
 
 
 class Interleave(L.Callback):
-    """Every ``k`` framework steps, runs ``k`` plain steps in the same process: each pair of
-    segments sees the same machine state (this host is shared and noisy). The framework's
-    segment time is everything between two such points — its loop, hooks, logging and step."""
+    """Every STEP_K framework steps, runs STEP_K reference steps: each pair of segments sees the
+    same machine state. The framework's segment is everything between two such points: its loop,
+    hooks, logging and step."""
 
-    def __init__(self, plain: PlainLoop, k: int = 20):
-        self.plain, self.k = plain, k
-        self.pairs, self._t0 = [], None
+    def __init__(self, plain: PlainLoop):
+        self.plain, self.pairs, self._t0 = plain, [], None
+
+    def _start(self, device):
+        sync(device)
+        self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._t0 = time.perf_counter()
+        self._start(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % self.k:
+        if (batch_idx + 1) % STEP_K:
             return
+        sync(pl_module.device)
         fw = time.perf_counter() - self._t0
-        plain = self.plain.steps(self.k)
-        self.pairs.append((trainer.current_epoch, fw, plain))
-        self._t0 = time.perf_counter()
+        self.pairs.append((trainer.current_epoch, fw, self.plain.steps(STEP_K)))
+        self._start(pl_module.device)
 
 
-def time_pair(rule, task, epochs, n_train, d, depth, seed, out_dir):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            # the plain fa loop is Lillicrap's layerwise FA
-            f"method={rule}", *(["method.variant=layerwise"] if rule == "fa" else []),
-            "data=gaussian_images", f"data.n_train={n_train}",
-            "data.n_test=2000", f"model.d={d}", f"model.depth={depth}",
-            f"trainer.max_epochs={epochs}", f"seed={seed}", f"paths.output_dir={out_dir}",
-            "protocol.frozen_baseline=null", "protocol.abort.enabled=false",
-            "protocol.print_report=false"])
-    inter = Interleave(PlainLoop(rule, task, 128, d, depth, seed))
-    results = lt.train(cfg, extra_callbacks=[inter])
+# ----------------------------------------------------------------------------- memory
+def peak_bytes(make_step, batches, device) -> int:
+    """The most memory one of these steps holds at once (after one warm-up step, so the
+    optimizer's state exists): on CUDA, the allocator's peak above what the process held
+    before the arm was built (its parameters, optimizer state and step); on a CPU, the
+    profiler's timeline of the tensors the steps touch (the same things)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+    step = make_step()
+    step(*batches[0])
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for x, y in batches[1:]:
+            step(x, y)
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        for x, y in batches[1:]:
+            step(x, y)
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
+    return int(max(sum(s) for s in sizes))
+
+
+def lcredit_step(cfg, task, device):
+    """lcredit's training step without the Lightning loop: training_step's math."""
+    torch.manual_seed(int(cfg.seed))
+    rule = lt.build_rule(cfg, task).to(device)
+    opt = rule.configure_optimizers()
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        rule.compute_gradients(x, y)
+        rule.clip_block_gradients()
+        opt.step()
+    return step
+
+
+def memory_pair(name, cfg, task, plain_name, device) -> dict:
+    """Peak bytes of lcredit's training step (the rule's compute_gradients, clip and optimizer
+    step: training_step's math) and of the reference step, each arm alone on the device."""
+    gen = torch.Generator().manual_seed(1)
+    idx = [torch.randint(len(task.x_train), (128,), generator=gen) for _ in range(3)]
+    batches = [(task.x_train[i], task.y_train[i]) for i in idx]
+    fw = peak_bytes(lambda: lcredit_step(cfg, task, device), batches, device)
+    ref = peak_bytes(lambda: PlainLoop(plain_name, cfg, task, 128, device).step, batches, device)
+    return {"framework_peak_mb": fw / 2**20, "plain_peak_mb": ref / 2**20,
+            "memory_ratio": fw / ref}
+
+
+# ----------------------------------------------------------------------------- timing
+def bench_rule(rule, task_name, args, device, out_dir) -> dict:
+    overrides, plain_name = RULES[rule]
+    cfg = compose_cfg([*overrides, *TASKS[task_name][1], *device_overrides(device),
+                       f"trainer.max_epochs={args.epochs}",
+                       f"+trainer.limit_train_batches={args.steps}", "seed=0",
+                       f"paths.output_dir={out_dir}", "protocol.frozen_baseline=null",
+                       "protocol.abort.enabled=false", "protocol.print_report=false",
+                       "~callbacks.protocol_monitor", "~callbacks.early_abort", "logger=csv",
+                       "trainer.enable_progress_bar=false"])
+    task = lt.fit_task(cfg, build_task(cfg.data)).to(device)
+    inter = Interleave(PlainLoop(plain_name, cfg, task, int(cfg.data.batch_size), device))
+    lt.train(cfg, extra_callbacks=[inter])
     pairs = [(fw, plain) for epoch, fw, plain in inter.pairs if epoch >= 1]  # epoch 0: warm-up
-    return [r["train_time_s"] for r in results["history"]], pairs
+    ratios = [f / p for f, p in pairs]
+    row = {"task": task_name, "rule": rule, "reference": plain_name,
+           "overrides": overrides, "pairs": len(pairs),
+           "framework_ms": 1e3 * statistics.median(f for f, _ in pairs) / STEP_K,
+           "plain_ms": 1e3 * statistics.median(p for _, p in pairs) / STEP_K,
+           "ratio": statistics.median(ratios),
+           "ratio_iqr": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios * 2,
+           "segments_s": pairs}
+    row |= memory_pair(rule, cfg, task, plain_name, device)
+    print(f"{task_name}/{rule}: lcredit {row['framework_ms']:.2f} ms, reference "
+          f"{row['plain_ms']:.2f} ms, ratio {row['ratio']:.3f}, memory {row['memory_ratio']:.2f}x",
+          flush=True)
+    return row
 
 
-def time_protocol(repeats, out_dir):
+def device_overrides(device) -> list[str]:
+    return ["trainer=gpu"] if device.type == "cuda" else []
+
+
+def time_protocol(repeats, out_dir, device):
     """The default run (abort off so both arms train every epoch; no frozen baseline run) with
-    and without the measuring callback, alternating arms. Returns both arms' figures."""
+    and without the measuring callback, alternating arms."""
     arms = {"with": [], "without": []}
     for i in range(repeats):
         for arm in ("with", "without"):
-            GlobalHydra.instance().clear()
             extra = [] if arm == "with" else ["~callbacks.protocol_monitor", "~callbacks.early_abort"]
-            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-                cfg = compose("config", overrides=[
-                    "protocol.abort.enabled=false", "protocol.frozen_baseline=null",
-                    "protocol.print_report=false", f"paths.output_dir={out_dir}/{arm}{i}", *extra])
+            cfg = compose_cfg(["protocol.abort.enabled=false", "protocol.frozen_baseline=null",
+                               "protocol.print_report=false", *device_overrides(device),
+                               f"paths.output_dir={out_dir}/{arm}{i}", *extra])
             r = lt.train(cfg)
             arms[arm].append({"wall_s": r["wall_time_s"], "protocol_s": r["protocol_time_s"]})
     # Best of the repeats: on a shared machine the minimum is the least disturbed run.
     w = min(a["wall_s"] for a in arms["with"])
     wo = min(a["wall_s"] for a in arms["without"])
-    in_run = statistics.median(a["protocol_s"] / (a["wall_s"] - a["protocol_s"]) for a in arms["with"])
+    share = statistics.median(a["protocol_s"] / a["wall_s"] for a in arms["with"])
     return {"runs": arms, "wall_with_s": w, "wall_without_s": wo, "ab_ratio": w / wo,
-            "in_run_overhead": in_run, "target_overhead": 0.05}
+            "protocol_share": share, "target_share": TARGETS["protocol_share"]}
+
+
+# ----------------------------------------------------------------------------- report
+def checks(report) -> list[str]:
+    """The issue's targets, each with the figure that meets or misses it."""
+    out = []
+    for task in report["tasks"]:
+        rows = [r for r in report["rows"] if r["task"] == task]
+        by = {r["rule"]: r for r in rows}
+        slow = [f"{r['rule']} {r['ratio']:.2f}" for r in rows if r["ratio"] > TARGETS["ratio"]]
+        heavy = [f"{r['rule']} {r['memory_ratio']:.2f}" for r in rows
+                 if r["memory_ratio"] > TARGETS["memory_ratio"]]
+        out.append(f"{task}: every rule ≤ {TARGETS['ratio']:.2f}× its reference: "
+                   + ("met" if not slow else "missed by " + ", ".join(slow)))
+        out.append(f"{task}: peak memory ≤ {TARGETS['memory_ratio']:.2f}×: "
+                   + ("met" if not heavy else "missed by " + ", ".join(heavy)))
+        if "dfa" in by and "bp" in by:
+            d, b = by["dfa"]["framework_ms"], by["bp"]["framework_ms"]
+            out.append(f"{task}: dfa ≤ bp per step: {'met' if d <= b else 'missed'} "
+                       f"({d:.2f} vs {b:.2f} ms)")
+    p = report.get("protocol_overhead")
+    if p:
+        out.append(f"default run: protocol ≤ {100 * TARGETS['protocol_share']:.0f}% of the run: "
+                   f"{'met' if p['protocol_share'] <= TARGETS['protocol_share'] else 'missed'} "
+                   f"({100 * p['protocol_share']:.1f}%)")
+    return out
 
 
 def render(report: dict, out: Path) -> None:
     """docs/bench.md from the figures in docs/bench.json."""
-    rows, protocol = report["rows"], report.get("protocol_overhead")
-    lines = ["| rule | lcredit s/epoch | plain PyTorch s/epoch | ratio: median of paired "
-             "20-step segments (target ≤ 1.10) | interquartile range | pairs |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['framework_s_per_epoch']:.2f} | {r['plain_s_per_epoch']:.2f} | "
-              f"{r['ratio']:.3f} | {r['ratio_iqr'][0]:.3f}–{r['ratio_iqr'][1]:.3f} | {r['pairs']} |"
-              for r in rows]
-    if protocol:
-        n = len(protocol["runs"]["with"])
+    s = report["setup"]
+    lines = [f"Measured {s['date']} on {s['device_name']} ({s['threads']} threads), torch "
+             f"{s['torch']}, commit {s['commit']}: `{s['command']}` ({out.with_suffix('.json').name})."]
+    for task in report["tasks"]:
+        lines += ["", f"**{task}**: {TASKS[task][0]}, batch 128, Adam", "",
+                  "| rule | lcredit ms/step | reference ms/step | ratio (target ≤ 1.10) | "
+                  "interquartile range | peak MB lcredit / reference | memory ratio (≤ 1.30) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['rule']} | {r['framework_ms']:.2f} | {r['plain_ms']:.2f} | "
+                  f"{r['ratio']:.3f} | {r['ratio_iqr'][0]:.3f}–{r['ratio_iqr'][1]:.3f} | "
+                  f"{r['framework_peak_mb']:.1f} / {r['plain_peak_mb']:.1f} | "
+                  f"{r['memory_ratio']:.2f} |"
+                  for r in report["rows"] if r["task"] == task]
+    p = report.get("protocol_overhead")
+    if p:
+        n = len(p["runs"]["with"])
         lines += ["", "| default run (dfa, ladder, 15 epochs) | value |", "|---|---|",
-                  f"| protocol's own time / rest of the run, timed in-run (target ≤ 5%) | "
-                  f"{100 * protocol['in_run_overhead']:.1f}% |",
+                  f"| protocol's own time / the run's wall time, timed in-run (target ≤ 5%) | "
+                  f"{100 * p['protocol_share']:.1f}% |",
                   f"| wall time with / without the callback, best of {n} separate runs "
                   f"(machine noise between runs dominates this one) | "
-                  f"{protocol['wall_with_s']:.1f}s / {protocol['wall_without_s']:.1f}s "
-                  f"({100 * (protocol['ab_ratio'] - 1):+.1f}%) |"]
+                  f"{p['wall_with_s']:.1f}s / {p['wall_without_s']:.1f}s "
+                  f"({100 * (p['ab_ratio'] - 1):+.1f}%) |"]
+    lines += ["", "Targets:", ""] + [f"- {c}" for c in checks(report)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rules", default="bp,dfa,fa")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--n-train", type=int, default=50000)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--out", default=str(REPO / "docs" / "bench"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per rule (the first: warm-up)")
+    ap.add_argument("--steps", type=int, default=200, help="training batches per epoch")
+    ap.add_argument("--out", default=None, help="default: docs/bench (cpu), docs/bench_cuda")
     ap.add_argument("--readme", help="also copy the table into this README, between its markers")
     ap.add_argument("--protocol-repeats", type=int, default=3,
                     help="repeats of the default run with/without the protocol (0: skip)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the .md (and README) from the existing .json; no timing")
     args = ap.parse_args()
-    if args.render_only:
-        out = Path(args.out)
-        render(json.loads(out.with_suffix(".json").read_text()), out)
-        if args.readme:
-            from readme_table import update
-
-            update(Path(args.readme), out.with_suffix(".md").read_text())
-        return
-    if args.epochs < 2:
-        ap.error("--epochs must be >= 2 (the first epoch is a warm-up)")
-
-    task = gaussian_images(n_train=args.n_train, n_test=2000)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rule in args.rules.split(","):
-            epochs, pairs = time_pair(rule, task, args.epochs, args.n_train, args.d, args.depth,
-                                      0, Path(tmp) / rule)
-            steps_per_epoch = -(-args.n_train // 128)
-            ratios = [f / p for f, p in pairs]
-            fw_s = statistics.median(f for f, _ in pairs) / 20 * steps_per_epoch
-            plain_s = statistics.median(p for _, p in pairs) / 20 * steps_per_epoch
-            rows.append({"rule": rule, "framework_s_per_epoch": fw_s, "plain_s_per_epoch": plain_s,
-                         "ratio": statistics.median(ratios), "pairs": len(pairs),
-                         "ratio_iqr": statistics.quantiles(ratios, n=4)[::2],
-                         "framework_epoch_times_s": epochs, "segments_s": pairs})
-            print(f"{rule}: framework {fw_s:.2f}s plain {plain_s:.2f}s ratio {rows[-1]['ratio']:.3f}")
-        protocol = time_protocol(args.protocol_repeats, tmp) if args.protocol_repeats else None
-    report = {"setup": {"input": "gaussian_images 3x32x32", "n_train": args.n_train,
-                        "model": f"resmlp d={args.d} depth={args.depth}", "batch_size": 128,
-                        "epochs": args.epochs, "threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "machine": platform.machine(),
-                        "processor": platform.processor() or None, "date": time.strftime("%Y-%m-%d")},
-              "target_ratio": 1.10, "rows": rows, "protocol_overhead": protocol}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out = Path(args.out or REPO / "docs" / ("bench" if args.device == "cpu" else "bench_cuda"))
+    marker = "bench" if args.device == "cpu" else "bench_cuda"
+    if not args.render_only:
+        unknown = [r for r in args.rules.split(",") if r not in RULES]
+        unknown += [t for t in args.tasks.split(",") if t not in TASKS]
+        if unknown:
+            ap.error(f"unknown rule or task: {', '.join(unknown)} (rules: {', '.join(RULES)}; "
+                     f"tasks: {', '.join(TASKS)})")
+        if args.epochs < 2:
+            ap.error("--epochs must be >= 2 (the first epoch is a warm-up)")
+        if args.steps < 2 * STEP_K:
+            ap.error(f"--steps must be >= {2 * STEP_K}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device here")
+        device = torch.device(args.device)
+        tasks = args.tasks.split(",")
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for task in tasks:
+                for rule in args.rules.split(","):
+                    rows.append(bench_rule(rule, task, args, device, Path(tmp) / task / rule))
+            protocol = (time_protocol(args.protocol_repeats, tmp, device)
+                        if args.protocol_repeats else None)
+        name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{platform.node()} ({platform.machine()} CPU)")
+        report = {"setup": {"device": args.device, "device_name": name, "tasks": tasks,
+                            "epochs": args.epochs, "steps_per_epoch": args.steps,
+                            "batch_size": 128, "threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "commit": commit(),
+                            "command": "python scripts/bench.py --device " + args.device,
+                            "date": time.strftime("%Y-%m-%d")},
+                  "tasks": tasks, "targets": TARGETS, "rows": rows, "protocol_overhead": protocol}
+        report["checks"] = checks(report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    report = json.loads(out.with_suffix(".json").read_text())
     render(report, out)
     if args.readme:
         from readme_table import update
 
-        update(Path(args.readme), out.with_suffix(".md").read_text())
+        update(Path(args.readme), out.with_suffix(".md").read_text(), marker)
 
 
 if __name__ == "__main__":

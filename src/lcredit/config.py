@@ -20,7 +20,7 @@ from lcredit.errors import ConfigError, check_range
 RESUME_MAY_CHANGE = {
     "trainer": {"max_epochs", "min_epochs", "max_steps", "min_steps", "max_time",
                 "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
-                "accelerator", "devices", "limit_val_batches", "val_check_interval",
+                "accelerator", "devices", "compile", "limit_val_batches", "val_check_interval",
                 "check_val_every_n_epoch"},
     "top": {"resume", "init_from", "paths", "logger", "callbacks", "protocol", "hydra", "tags",
             "debug", "experiment", "threads", "auto_resume", "skip_completed", "snapshot_epochs"},

@@ -34,6 +34,7 @@ from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
 from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
+from lcredit.models.base import compile_mode, compile_parts
 
 log = logging.getLogger("lcredit")
 # The config groups ship inside the package (conf/ at the repository root links here), so an
@@ -371,6 +372,8 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             log.info("resuming the unfinished run in %s from %s", out_path, last)
     resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # lcredit's own trainer key (not Lightning's): compile the model's blocks
+    compile_as = compile_mode(tcfg.pop("compile", False), _device(tcfg))
     _check_trainer(tcfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if resume_ckpt is not None:
@@ -383,6 +386,9 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     rule = build_rule(cfg, task)
     rule.check_trainer(tcfg)
+    if compile_as is not None:
+        compile_parts(rule.model, compile_as)
+        rule.cudagraph_steps = compile_as in ("reduce-overhead", "max-autotune")
     rule.run_config = resolved
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))

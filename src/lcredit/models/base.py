@@ -59,6 +59,33 @@ def block_branch(block: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> t
 
 
 
+# trainer.compile: torch.compile's modes (true picks reduce-overhead on CUDA, default elsewhere).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value, device: torch.device) -> str | None:
+    """The torch.compile mode ``trainer.compile`` asks for on ``device`` (None: eager)."""
+    from lcredit.errors import ConfigError
+
+    if value in (None, False):
+        return None
+    if value is True:
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if value not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile={value!r} must be false, true or one of "
+                          f"{', '.join(COMPILE_MODES)}")
+    return value
+
+
+def compile_parts(model: nn.Module, mode: str) -> None:
+    """Compile the units every rule runs (embed, each block, readout), with static shapes, in
+    place: parameter names, checkpoints and the rules' block-by-block calls stay as they are,
+    and so does the math (the block graphs are fused, forward and backward). A deep copy of
+    the model (the protocol's measuring copies) runs eagerly."""
+    for part in (model.embed, *model.blocks, model.readout):
+        part.compile(mode=mode, dynamic=False)
+
+
 @contextlib.contextmanager
 def preserved_buffers(module: nn.Module):
     """Run extra forward passes (a relaxation, perturbed copies of a batch) on copies of every

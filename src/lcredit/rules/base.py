@@ -139,6 +139,8 @@ class Rule(L.LightningModule):
         self.block_grad_clip: float | None = None
         self._epoch_t0 = None
         self._train_time = None
+        # trainer.compile with CUDA graphs: each training step starts a new graph replay.
+        self.cudagraph_steps = False
 
     # ---------------------------------------------------------------- credit interface
     def top_credit(self, p: Pass) -> torch.Tensor:
@@ -316,6 +318,8 @@ class Rule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         loss, logits = self.compute_gradients(x, y)
