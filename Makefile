@@ -32,9 +32,13 @@ run: setup
 test: dev
 	$(PY) -m pytest $(PYTEST) $(ARGS)
 
+# make bench [DEVICE=cuda]: every rule against its reference loop, the batched passes against
+# loops, and (cpu) the sweep throughput; each writes docs/bench*.json and its README table.
+DEVICE ?= cpu
 bench: dev
-	$(PY) scripts/bench.py --readme README.md $(ARGS)
-	$(PY) scripts/bench_sweep.py --readme README.md
+	$(PY) scripts/bench.py --device $(DEVICE) --readme README.md $(ARGS)
+	$(PY) scripts/bench_batched.py --device $(DEVICE) --readme README.md
+	if [ "$(DEVICE)" = cpu ]; then $(PY) scripts/bench_sweep.py --readme README.md; fi
 
 # Every rule's original form and each lcredit switch on the original ladder, 3 seeds (README).
 # About 2 hours on a 2-core CPU; on a GPU machine: make ladder ARGS="--jobs 12 --device cuda".

@@ -40,6 +40,7 @@ from hydra.utils import instantiate
 import lcredit.train as lt
 import reference
 from lcredit.data import build_task
+from lcredit.models.base import compile_mode, compile_parts
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_K = 20  # steps per timed segment
@@ -57,6 +58,10 @@ RULES = {
     "cb": (["method=cb", "method.warmup_ratio=0"], "cb"),
     "vec": (["method=vec"], "vec"),
     "blend": (["method=blend"], "blend"),
+    # the compiled step (trainer.compile=true: reduce-overhead on CUDA, inductor's default on
+    # a CPU) against the same eager reference
+    "bp+compile": (["method=bp", "trainer.compile=true"], "bp"),
+    "dfa+compile": (["method=dfa", "trainer.compile=true"], "dfa"),
 }
 TASKS = {
     "default": ("ladder_lowdim, resmlp d=128 depth 4 (the default run's)", []),
@@ -171,9 +176,14 @@ def lcredit_step(cfg, task, device):
     """lcredit's training step without the Lightning loop: training_step's math."""
     torch.manual_seed(int(cfg.seed))
     rule = lt.build_rule(cfg, task).to(device)
+    mode = compile_mode(cfg.trainer.get("compile", False), device)
+    if mode is not None:
+        compile_parts(rule.model, mode)
     opt = rule.configure_optimizers()
 
     def step(x, y):
+        if mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         rule.compute_gradients(x, y)
         rule.clip_block_gradients()
