@@ -69,9 +69,16 @@ class Pass:
     y: torch.Tensor
     logits: torch.Tensor          # detached
     states: list[torch.Tensor]    # h_0 .. h_L, detached
-    g_top: torch.Tensor           # exact per-sample d loss / d h_L (output-local)
+    g_top_value: torch.Tensor | None  # exact per-sample d loss / d h_L (output-local) ...
     credits: list = field(default_factory=list)  # filled top-down: credits[l] = a_l
     loss_kind: str = "ce"
+    top_grad: object = None       # ... or what computes it, on the first read of g_top
+
+    @property
+    def g_top(self) -> torch.Tensor:
+        if self.g_top_value is None and self.top_grad is not None:
+            self.g_top_value = self.top_grad()
+        return self.g_top_value
 
     @functools.cached_property
     def error(self) -> torch.Tensor:
@@ -183,6 +190,10 @@ class Rule(L.LightningModule):
     def train_auxiliary(self, p: Pass) -> None:
         """Accumulate the gradients of the rule's own estimator on this pass (none by default)."""
 
+    def trains_auxiliary(self) -> bool:
+        """Whether ``train_auxiliary`` does anything (it may read the pass's g_top)."""
+        return type(self).train_auxiliary is not Rule.train_auxiliary
+
     def backward_context(self):
         """Context under which the forward pass is recorded (fa substitutes its feedback)."""
         return contextlib.nullcontext()
@@ -232,15 +243,25 @@ class Rule(L.LightningModule):
             logits = model.readout(top)
             loss = self.task_loss(logits, y)
 
-        # Readout: its exact, output-local gradient; g_top is dLoss/dh_L (batch mean).
+        train_blocks = train_model and self.trains_blocks
+        # Readout: its exact, output-local gradient; g_top is dLoss/dh_L (batch mean). Where
+        # the update ends in one backward call (no vjp chain, no penalty), the readout's
+        # gradient joins that call, and g_top is taken only if the rule's credit reads it (dfa's
+        # never does): one autograd call for the whole update, as a plain loop makes it.
+        one_call = train_model and not self.needs_vjp and not penalise
         head = trainable(model.readout) if train_model else []
-        grads = torch.autograd.grad(loss, [top] + head)
-        accumulate(head, grads[1:])
-        p = Pass(x, y, logits.detach(), [h0.detach()] + [o.detach() for o in outs],
-                 grads[0].detach() * n, [None] * (depth + 1), self.loss_kind)
+        states = [h0.detach()] + [o.detach() for o in outs]
+        if one_call:
+            p = Pass(x, y, logits.detach(), states, None, [None] * (depth + 1), self.loss_kind,
+                     top_grad=lambda: torch.autograd.grad(loss, top, retain_graph=True)[0]
+                     .detach() * n)
+        else:
+            grads = torch.autograd.grad(loss, [top] + head)
+            accumulate(head, grads[1:])
+            p = Pass(x, y, logits.detach(), states, grads[0].detach() * n,
+                     [None] * (depth + 1), self.loss_kind)
         p.credits[depth] = self.top_credit(p)
 
-        train_blocks = train_model and self.trains_blocks
         if self.needs_vjp:
             for l in reversed(range(depth)):
                 params = trainable(blocks[l]) if train_blocks else []
@@ -249,27 +270,36 @@ class Rule(L.LightningModule):
                 g = torch.autograd.grad(outs[l], [ins[l]] + params, a, retain_graph=penalise)
                 accumulate(params, g[1:])
                 p.credits[l] = self.layer_credit(l, p, g[0].detach() * n)
+            if train_model:
+                torch.autograd.backward(h0, (p.credits[0] / n).to(h0.dtype),
+                                        inputs=trainable(model.embed))
         else:
             for l in reversed(range(depth)):
                 p.credits[l] = self.layer_credit(l, p, None)
             points = self.update_points(p) if train_blocks else None
+            # (root, its incoming gradient) pairs and the parameters of one backward call
+            roots, inputs = ([(loss, None)], list(head)) if one_call else ([], [])
+            if train_blocks:
+                inputs += [q for b in blocks for q in trainable(b)]
             if train_blocks and points is None:
-                params = [q for b in blocks for q in trainable(b)]
-                torch.autograd.backward(
-                    outs, [(p.credits[l + 1] / n).to(outs[l].dtype) for l in range(depth)],
-                    inputs=params, retain_graph=penalise)
+                roots += [(outs[l], (p.credits[l + 1] / n).to(outs[l].dtype))
+                          for l in range(depth)]
             elif train_blocks:
-                params = [q for b in blocks for q in trainable(b)]
                 # The blocks again, at the rule's own states (BatchNorm statistics untouched).
                 with preserved_buffers(model):
-                    for weight, states, credits in points:
-                        at = [b(states[l].detach().to(outs[l].dtype)) for l, b in enumerate(blocks)]
-                        torch.autograd.backward(
-                            at, [(weight * credits[l + 1] / n).to(at[l].dtype)
-                                 for l in range(depth)], inputs=params)
-        if train_model:
-            torch.autograd.backward(h0, (p.credits[0] / n).to(h0.dtype),
-                                    inputs=trainable(model.embed))
+                    for weight, at_states, credits in points:
+                        at = [b(at_states[l].detach().to(outs[l].dtype))
+                              for l, b in enumerate(blocks)]
+                        roots += [(at[l], (weight * credits[l + 1] / n).to(at[l].dtype))
+                                  for l in range(depth)]
+            if train_model:
+                inputs += trainable(model.embed)
+                roots.append((h0, (p.credits[0] / n).to(h0.dtype)))
+            if one_call and update and self.aux_training and self.trains_auxiliary():
+                p.g_top  # the estimator's objective reads it after this call frees the graph
+            if roots and inputs:
+                torch.autograd.backward([r for r, _ in roots], [g for _, g in roots],
+                                        inputs=inputs, retain_graph=penalise)
         if penalise:
             torch.autograd.backward(self.penalty(blocks, ins, outs),
                                     inputs=[q for b in blocks for q in trainable(b)])
