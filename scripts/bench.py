@@ -23,10 +23,12 @@ The protocol's cost is measured on the default run (dfa, ladder, 15 epochs): its
 share of the run, and best-of-N wall time with and without the callback.
 """
 import argparse
+import gc
 import json
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ from lcredit.models.base import compile_mode, compile_parts
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_K = 20  # steps per timed segment
+WARMUP = 3   # steps before a memory measurement
 
 # bench row -> (lcredit overrides, reference loop). fa is the original study's (blockwise) FA;
 # cb runs its rule phase throughout (its 20% DFA warm-up would time DFA's step instead).
@@ -148,16 +151,18 @@ def peak_bytes(make_step, batches, device) -> int:
     optimizer's state exists): on CUDA, the allocator's peak above what the process held
     before the arm was built (its parameters, optimizer state and step); on a CPU, the
     profiler's timeline of the tensors the steps touch (the same things)."""
+    gc.collect()  # the last run's garbage is not freed inside the measured steps
     if device.type == "cuda":
         sync(device)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(device)
     step = make_step()
-    step(*batches[0])
+    for x, y in batches[:WARMUP]:  # optimizer state; a compiled arm's compile and graph capture
+        step(x, y)
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        for x, y in batches[1:]:
+        for x, y in batches[WARMUP:]:
             step(x, y)
         sync(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
@@ -166,7 +171,7 @@ def peak_bytes(make_step, batches, device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
-        for x, y in batches[1:]:
+        for x, y in batches[WARMUP:]:
             step(x, y)
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
     return int(max(sum(s) for s in sizes))
@@ -195,7 +200,7 @@ def memory_pair(name, cfg, task, plain_name, device) -> dict:
     """Peak bytes of lcredit's training step (the rule's compute_gradients, clip and optimizer
     step: training_step's math) and of the reference step, each arm alone on the device."""
     gen = torch.Generator().manual_seed(1)
-    idx = [torch.randint(len(task.x_train), (128,), generator=gen) for _ in range(3)]
+    idx = [torch.randint(len(task.x_train), (128,), generator=gen) for _ in range(WARMUP + 2)]
     batches = [(task.x_train[i], task.y_train[i]) for i in idx]
     fw = peak_bytes(lambda: lcredit_step(cfg, task, device), batches, device)
     ref = peak_bytes(lambda: PlainLoop(plain_name, cfg, task, 128, device).step, batches, device)
@@ -213,6 +218,7 @@ def bench_rule(rule, task_name, args, device, out_dir) -> dict:
                        "protocol.abort.enabled=false", "protocol.print_report=false",
                        "~callbacks.protocol_monitor", "~callbacks.early_abort", "logger=csv",
                        "trainer.enable_progress_bar=false"])
+    torch._dynamo.reset()  # each compiled row compiles afresh, within its own variant budget
     task = lt.fit_task(cfg, build_task(cfg.data)).to(device)
     inter = Interleave(PlainLoop(plain_name, cfg, task, int(cfg.data.batch_size), device))
     lt.train(cfg, extra_callbacks=[inter])
@@ -287,6 +293,11 @@ def render(report: dict, out: Path) -> None:
     s = report["setup"]
     lines = [f"Measured {s['date']} on {s['device_name']} ({s['threads']} threads), torch "
              f"{s['torch']}, commit {s['commit']}: `{s['command']}` ({out.with_suffix('.json').name})."]
+    for m in s.get("merged", []):
+        rerun = sorted({f"{r['task']}/{r['rule']}" for r in report["rows"]
+                        if r.get("commit") == m["commit"] and r.get("date") == m["date"]})
+        lines[0] += (f" Rerun {m['date']} at commit {m['commit']} (`{m['command']}`): "
+                     f"{', '.join(rerun) or 'the protocol figures'}.")
     for task in report["tasks"]:
         lines += ["", f"**{task}**: {TASKS[task][0]}, batch 128, Adam", "",
                   "| rule | lcredit ms/step | reference ms/step | ratio (target ≤ 1.10) | "
@@ -331,11 +342,13 @@ def main():
     ap.add_argument("--readme", help="also copy the table into this README, between its markers")
     ap.add_argument("--protocol-repeats", type=int, default=3,
                     help="repeats of the default run with/without the protocol (0: skip)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only these rows (and, when timed, the protocol figures) in the "
+                         "existing .json; each row keeps the commit and date it was measured at")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the .md (and README) from the existing .json; no timing")
     args = ap.parse_args()
     out = Path(args.out or REPO / "docs" / ("bench" if args.device == "cpu" else "bench_cuda"))
-    marker = "bench" if args.device == "cpu" else "bench_cuda"
     if not args.render_only:
         unknown = [r for r in args.rules.split(",") if r not in RULES]
         unknown += [t for t in args.tasks.split(",") if t not in TASKS]
@@ -346,6 +359,8 @@ def main():
             ap.error("--epochs must be >= 2 (the first epoch is a warm-up)")
         if args.steps < 2 * STEP_K:
             ap.error(f"--steps must be >= {2 * STEP_K}")
+        if args.merge and not out.with_suffix(".json").is_file():
+            ap.error(f"--merge: no {out.with_suffix('.json')} to merge into")
         if args.device == "cuda" and not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA device here")
         device = torch.device(args.device)
@@ -354,7 +369,11 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             for task in tasks:
                 for rule in args.rules.split(","):
-                    rows.append(bench_rule(rule, task, args, device, Path(tmp) / task / rule))
+                    rows.append(bench_rule(rule, task, args, device, Path(tmp) / task / rule)
+                                | {"commit": commit(), "date": time.strftime("%Y-%m-%d")})
+                    # what a timed-out run leaves: every row finished so far
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
             protocol = (time_protocol(args.protocol_repeats, tmp, device)
                         if args.protocol_repeats else None)
         name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -363,17 +382,32 @@ def main():
                             "epochs": args.epochs, "steps_per_epoch": args.steps,
                             "batch_size": 128, "threads": torch.get_num_threads(),
                             "torch": torch.__version__, "commit": commit(),
-                            "command": "python scripts/bench.py --device " + args.device,
+                            "command": "python scripts/bench.py " + " ".join(sys.argv[1:]),
                             "date": time.strftime("%Y-%m-%d")},
                   "tasks": tasks, "targets": TARGETS, "rows": rows, "protocol_overhead": protocol}
+        if args.merge:
+            old = json.loads(out.with_suffix(".json").read_text())
+            if old["setup"]["device"] != args.device:
+                ap.error(f"--merge: {out.with_suffix('.json')} was measured on "
+                         f"{old['setup']['device']}, not {args.device}")
+            new = {(r["task"], r["rule"]): r for r in rows}
+            rows = [new.pop((r["task"], r["rule"]), r) for r in old["rows"]] + list(new.values())
+            order = {t: i for i, t in enumerate(TASKS)}
+            rows.sort(key=lambda r: (order[r["task"]], list(RULES).index(r["rule"])))
+            old["setup"]["merged"] = old["setup"].get("merged", []) + [report["setup"]]
+            report = old | {"rows": rows, "protocol_overhead": protocol or old["protocol_overhead"],
+                            "tasks": [t for t in TASKS if any(r["task"] == t for r in rows)]}
         report["checks"] = checks(report)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    if not out.with_suffix(".json").is_file():
+        ap.error(f"{out.with_suffix('.json')}: no figures to render (run without --render-only)")
     report = json.loads(out.with_suffix(".json").read_text())
     render(report, out)
     if args.readme:
         from readme_table import update
 
+        marker = "bench_cuda" if report["setup"]["device"] == "cuda" else "bench"
         update(Path(args.readme), out.with_suffix(".md").read_text(), marker)
 
 

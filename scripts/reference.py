@@ -78,8 +78,12 @@ def bp_step(model, feedback, opt, x, y):
 
 
 def frozen_step(model, feedback, opt, x, y):
-    """Backprop's gradient for the embedding and the readout; ``opt`` holds only those."""
-    bp_step(model, feedback, opt, x, y)
+    """Backprop's gradient for the embedding and the readout (``opt`` holds only those), and
+    nothing for the blocks."""
+    opt.zero_grad(set_to_none=True)
+    trained = [q for group in opt.param_groups for q in group["params"]]
+    F.cross_entropy(model(x), y).backward(inputs=trained)
+    opt.step()
 
 
 def fa_layerwise_step(model, feedback, opt, x, y):

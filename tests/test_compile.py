@@ -63,6 +63,21 @@ def test_compile_modes_and_a_bad_value():
     assert compile_mode("max-autotune", cpu) == "max-autotune"
     with pytest.raises(ConfigError, match="trainer.compile='fast'"):
         compile_mode("fast", cpu)
+    # CUDA graphs cannot follow the buffer swaps of a model with buffers (BatchNorm)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    assert compile_mode(True, cuda, bn) == "default"
+    assert compile_mode(True, cuda, ResMLP((20,), 10, d=16, depth=1)) == "reduce-overhead"
+    with pytest.raises(ConfigError, match="trainer.compile='reduce-overhead'.*buffers"):
+        compile_mode("reduce-overhead", cuda, bn)
+
+
+def test_compiled_parts_keep_compiling_past_torchs_default_recompile_limit():
+    """Every compiled part shares one code object; torch's default of 8 variants would leave
+    the rest of a run (new batch sizes, eval mode, other blocks) silently eager."""
+    import torch._dynamo.config as dynamo
+
+    compile_parts(ResMLP((20,), 10, d=16, depth=1), "default")
+    assert dynamo.recompile_limit >= 64
 
 
 def test_a_run_with_trainer_compile_matches_the_eager_run(make_cfg):
@@ -71,6 +86,7 @@ def test_a_run_with_trainer_compile_matches_the_eager_run(make_cfg):
     eager = train(make_cfg(*common, out="eager"))
     compiled = train(make_cfg(*common, "trainer.compile=true", out="compiled"))
     assert compiled["config"]["trainer"]["compile"] is True
+    assert compiled["compile_mode"] == "default" and eager["compile_mode"] is None
     assert compiled["status"] == eager["status"] == "completed"
     a, b = (torch.load(r["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
             for r in (eager, compiled))

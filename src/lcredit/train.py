@@ -34,7 +34,7 @@ from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
 from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
-from lcredit.models.base import compile_mode, compile_parts
+from lcredit.models.base import CUDAGRAPH_MODES, compile_mode, compile_parts
 
 log = logging.getLogger("lcredit")
 # The config groups ship inside the package (conf/ at the repository root links here), so an
@@ -372,8 +372,9 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             log.info("resuming the unfinished run in %s from %s", out_path, last)
     resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    # lcredit's own trainer key (not Lightning's): compile the model's blocks
-    compile_as = compile_mode(tcfg.pop("compile", False), _device(tcfg))
+    # lcredit's own trainer key (not Lightning's): compile the model's blocks (checked below)
+    compile_as = tcfg.pop("compile", False)
+    compile_mode(compile_as, _device(tcfg))
     _check_trainer(tcfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if resume_ckpt is not None:
@@ -386,9 +387,12 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     rule = build_rule(cfg, task)
     rule.check_trainer(tcfg)
+    compile_as = compile_mode(compile_as, _device(tcfg), rule.model)
     if compile_as is not None:
+        log.info("trainer.compile: torch.compile mode %s", compile_as)
         compile_parts(rule.model, compile_as)
-        rule.cudagraph_steps = compile_as in ("reduce-overhead", "max-autotune")
+        rule.cudagraph_steps = compile_as in CUDAGRAPH_MODES
+    rule.compile_mode = compile_as
     rule.run_config = resolved
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
@@ -543,6 +547,8 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         # The original study's form of the rule, or the lcredit switches that depart from it.
         "form": rule.form(),
         "block_grad_clip": rule.block_grad_clip,
+        # trainer.compile as it ran: the torch.compile mode, or null (eager)
+        "compile_mode": rule.compile_mode,
         "task": task.name,
         "task_notes": list(task.notes),
         "study": study_record(cfg),

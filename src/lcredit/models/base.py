@@ -63,17 +63,32 @@ def block_branch(block: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> t
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def compile_mode(value, device: torch.device) -> str | None:
-    """The torch.compile mode ``trainer.compile`` asks for on ``device`` (None: eager)."""
+# Modes that capture CUDA graphs: a graph replays fixed buffer addresses, and lcredit swaps
+# buffers (preserved_buffers) for its extra passes, so models with buffers (BatchNorm) don't get them.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Compiled variants a process may keep per code object: every compiled part shares one (the
+# wrapper of nn.Module.compile), and each module type x batch shape x grad mode x train/eval
+# is a variant. Torch's default (8) would leave later variants running eagerly, with a warning.
+RECOMPILE_LIMIT = 256
+
+
+def compile_mode(value, device: torch.device, model: nn.Module | None = None) -> str | None:
+    """The torch.compile mode ``trainer.compile`` asks for on ``device`` (None: eager). true is
+    reduce-overhead (CUDA graphs) on CUDA for a model without buffers, else inductor's default."""
     from lcredit.errors import ConfigError
 
     if value in (None, False):
         return None
+    has_buffers = model is not None and any(True for _ in model.buffers())
     if value is True:
-        return "reduce-overhead" if device.type == "cuda" else "default"
+        return "reduce-overhead" if device.type == "cuda" and not has_buffers else "default"
     if value not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile={value!r} must be false, true or one of "
                           f"{', '.join(COMPILE_MODES)}")
+    if value in CUDAGRAPH_MODES and has_buffers:
+        raise ConfigError(f"trainer.compile={value!r} captures CUDA graphs, which cannot follow "
+                          f"the buffer swaps of this model's extra passes (it has buffers, e.g. "
+                          f"BatchNorm); use default or max-autotune-no-cudagraphs")
     return value
 
 
@@ -82,6 +97,11 @@ def compile_parts(model: nn.Module, mode: str) -> None:
     place: parameter names, checkpoints and the rules' block-by-block calls stay as they are,
     and so does the math (the block graphs are fused, forward and backward). A deep copy of
     the model (the protocol's measuring copies) runs eagerly."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit,
+                                             4 * RECOMPILE_LIMIT)
     for part in (model.embed, *model.blocks, model.readout):
         part.compile(mode=mode, dynamic=False)
 

@@ -146,7 +146,9 @@ class Rule(L.LightningModule):
         self.block_grad_clip: float | None = None
         self._epoch_t0 = None
         self._train_time = None
-        # trainer.compile with CUDA graphs: each training step starts a new graph replay.
+        # trainer.compile: its torch.compile mode (None: eager); with CUDA graphs, each training
+        # step starts a new graph replay.
+        self.compile_mode: str | None = None
         self.cudagraph_steps = False
 
     # ---------------------------------------------------------------- credit interface
