@@ -400,6 +400,7 @@ def main():
         report["checks"] = checks(report)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        out.with_suffix(".partial.json").unlink(missing_ok=True)
     if not out.with_suffix(".json").is_file():
         ap.error(f"{out.with_suffix('.json')}: no figures to render (run without --render-only)")
     report = json.loads(out.with_suffix(".json").read_text())
