@@ -42,7 +42,7 @@ from hydra.utils import instantiate
 import lcredit.train as lt
 import reference
 from lcredit.data import build_task
-from lcredit.models.base import compile_mode, compile_parts
+from lcredit.models.base import compile_mode
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_K = 20  # steps per timed segment
@@ -178,27 +178,16 @@ def peak_bytes(make_step, batches, device) -> int:
 
 
 def lcredit_step(cfg, task, device):
-    """lcredit's training step without the Lightning loop: training_step's math."""
+    """lcredit's training step without the Lightning loop (``Rule.update``)."""
     torch.manual_seed(int(cfg.seed))
     rule = lt.build_rule(cfg, task).to(device)
-    mode = compile_mode(cfg.trainer.get("compile", False), device)
-    if mode is not None:
-        compile_parts(rule.model, mode)
+    rule.compile_model(compile_mode(cfg.trainer.get("compile", False), device, rule.model))
     opt = rule.configure_optimizers()
-
-    def step(x, y):
-        if mode in ("reduce-overhead", "max-autotune"):
-            torch.compiler.cudagraph_mark_step_begin()
-        opt.zero_grad(set_to_none=True)
-        rule.compute_gradients(x, y)
-        rule.clip_block_gradients()
-        opt.step()
-    return step
+    return lambda x, y: rule.update(x, y, opt)
 
 
-def memory_pair(name, cfg, task, plain_name, device) -> dict:
-    """Peak bytes of lcredit's training step (the rule's compute_gradients, clip and optimizer
-    step: training_step's math) and of the reference step, each arm alone on the device."""
+def memory_pair(cfg, task, plain_name, device) -> dict:
+    """Peak bytes of lcredit's training step (``Rule.update``: training_step's math) and of the reference step, each arm alone on the device."""
     gen = torch.Generator().manual_seed(1)
     idx = [torch.randint(len(task.x_train), (128,), generator=gen) for _ in range(WARMUP + 2)]
     batches = [(task.x_train[i], task.y_train[i]) for i in idx]
@@ -231,7 +220,7 @@ def bench_rule(rule, task_name, args, device, out_dir) -> dict:
            "ratio": statistics.median(ratios),
            "ratio_iqr": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios * 2,
            "segments_s": pairs}
-    row |= memory_pair(rule, cfg, task, plain_name, device)
+    row |= memory_pair(cfg, task, plain_name, device)
     print(f"{task_name}/{rule}: lcredit {row['framework_ms']:.2f} ms, reference "
           f"{row['plain_ms']:.2f} ms, ratio {row['ratio']:.3f}, memory {row['memory_ratio']:.2f}x",
           flush=True)

@@ -55,60 +55,41 @@ def loss_from(model, l, h, y):
         return M.ce_per_sample(model.readout(run_blocks(model, h, start=l)[-1]), y)
 
 
-def vec_targets(model, states, y, m, device, repeats):
+def per_layer(draw, batched, looped, layers, device):
+    """The two forms of one repeated pass: for each layer l, the same noise ``draw(gen, l)``
+    (from a generator seeded alike for both) evaluated by ``batched(l, noise)`` or
+    ``looped(l, noise)``."""
+    def run(evaluate):
+        def form():
+            gen = torch.Generator(device=device).manual_seed(0)
+            with torch.no_grad():
+                return [evaluate(l, draw(gen, l)) for l in range(layers)]
+        return form
+    return run(batched), run(looped)
+
+
+def vec_targets(model, states, y, m):
     """2M perturbed forward passes per layer (central differences, M directions)."""
-    gen = torch.Generator(device=device)
     eps = 1e-3
-
-    def batched():
-        gen.manual_seed(0)
-        out = []
-        for l, h in enumerate(states):
-            u = torch.randn((m, *h.shape), generator=gen, device=device)
-            out.append(directional_targets(model, l, h, y, u, eps, M.ce_per_sample))
-        return out
-
-    def looped():
-        gen.manual_seed(0)
-        out = []
-        for l, h in enumerate(states):
-            u = torch.randn((m, *h.shape), generator=gen, device=device)
-            out.append(torch.stack([(loss_from(model, l, h + eps * u[i], y)
-                                     - loss_from(model, l, h - eps * u[i], y)) / (2 * eps)
-                                    for i in range(m)]))
-        return out
-
-    return batched, looped
+    return per_layer(
+        lambda gen, l: torch.randn((m, *states[l].shape), generator=gen, device=gen.device),
+        lambda l, u: directional_targets(model, l, states[l], y, u, eps, M.ce_per_sample),
+        lambda l, u: torch.stack([(loss_from(model, l, states[l] + eps * u[i], y)
+                                   - loss_from(model, l, states[l] - eps * u[i], y)) / (2 * eps)
+                                  for i in range(m)]),
+        len(states), states[0].device)
 
 
-def cb_targets(rule, states, s, device):
+def cb_targets(rule, states, s):
     """The value at K noisy copies of h_{l+1}, per layer (bridge_noise=target)."""
-    gen = torch.Generator(device=device)
-    k = rule.K
-
-    def batched():
-        gen.manual_seed(0)
-        out = []
-        with torch.no_grad():
-            for l in range(len(states) - 1):
-                nxt = states[l + 1]
-                noise = torch.randn((k, *nxt.shape), generator=gen, device=device)
-                noisy = (nxt[None] + rule.sigma * noise).flatten(0, 1)
-                out.append(rule.value(noisy, l + 1, s.repeat(k, 1)).view(k, -1).mean(0))
-        return out
-
-    def looped():
-        gen.manual_seed(0)
-        out = []
-        with torch.no_grad():
-            for l in range(len(states) - 1):
-                nxt = states[l + 1]
-                noise = torch.randn((k, *nxt.shape), generator=gen, device=device)
-                out.append(torch.stack([rule.value(nxt + rule.sigma * noise[i], l + 1, s)
-                                        for i in range(k)]).mean(0))
-        return out
-
-    return batched, looped
+    k, sigma = rule.K, rule.sigma
+    return per_layer(
+        lambda gen, l: torch.randn((k, *states[l + 1].shape), generator=gen, device=gen.device),
+        lambda l, xi: rule.value((states[l + 1][None] + sigma * xi).flatten(0, 1), l + 1,
+                                 s.repeat(k, 1)).view(k, -1).mean(0),
+        lambda l, xi: torch.stack([rule.value(states[l + 1] + sigma * xi[i], l + 1, s)
+                                   for i in range(k)]).mean(0),
+        len(states) - 1, states[0].device)
 
 
 def rho_pairs(model, states, credits, y, directions, device):
@@ -187,9 +168,9 @@ def main():
     # differences over 2 eps = 2e-3, so a loss rounded differently in a batch of another size
     # (~1e-7 relative) moves a target by up to ~1e-3.
     cases = [("vec, blend", "2M = 8 perturbed forward passes per layer (M = 4)",
-              vec_targets(model, states, y, 4, device, args.repeats), 2e-3),
+              vec_targets(model, states, y, 4), 2e-3),
              ("cb", "K = 4 noisy samples of the bridge target per layer",
-              cb_targets(cb, states, s, device), 1e-6),
+              cb_targets(cb, states, s), 1e-6),
              ("protocol: rho", "32 directions per sample (SPEC's), float64",
               rho_pairs(model64, states64, credits64, y, 32, device), 1e-10),
              ("protocol: null draws (dfa)", "20 redrawn feedbacks (SPEC's), float64",

@@ -104,10 +104,7 @@ def run_lcredit(rule, batches, name):
     """The rule's training step (training_step without the Lightning plumbing)."""
     opt = rule.configure_optimizers()
     for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        rule.compute_gradients(x, y)
-        rule.clip_block_gradients()
-        opt.step()
+        rule.update(x, y, opt)
     return parameters(rule.model, getattr(rule, ESTIMATOR[name]) if name in ESTIMATOR else None)
 
 

@@ -34,7 +34,7 @@ from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
 from lcredit.cli import job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, check_range
-from lcredit.models.base import CUDAGRAPH_MODES, compile_mode, compile_parts
+from lcredit.models.base import compile_mode
 
 log = logging.getLogger("lcredit")
 # The config groups ship inside the package (conf/ at the repository root links here), so an
@@ -387,12 +387,9 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     rule = build_rule(cfg, task)
     rule.check_trainer(tcfg)
-    compile_as = compile_mode(compile_as, _device(tcfg), rule.model)
-    if compile_as is not None:
-        log.info("trainer.compile: torch.compile mode %s", compile_as)
-        compile_parts(rule.model, compile_as)
-        rule.cudagraph_steps = compile_as in CUDAGRAPH_MODES
-    rule.compile_mode = compile_as
+    rule.compile_model(compile_mode(compile_as, _device(tcfg), rule.model))
+    if rule.compile_mode is not None:
+        log.info("trainer.compile: torch.compile mode %s", rule.compile_mode)
     rule.run_config = resolved
     rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))

@@ -29,8 +29,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lcredit.errors import check_range
-from lcredit.models.base import (BlockModel, block_branch, exact_credit, hidden_states,
-                                 preserved_buffers, run_blocks)
+from lcredit.models.base import (CUDAGRAPH_MODES, BlockModel, block_branch, compile_parts,
+                                 exact_credit, hidden_states, preserved_buffers, run_blocks)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -146,10 +146,7 @@ class Rule(L.LightningModule):
         self.block_grad_clip: float | None = None
         self._epoch_t0 = None
         self._train_time = None
-        # trainer.compile: its torch.compile mode (None: eager); with CUDA graphs, each training
-        # step starts a new graph replay.
-        self.compile_mode: str | None = None
-        self.cudagraph_steps = False
+        self.compile_mode: str | None = None  # trainer.compile's torch.compile mode (None: eager)
 
     # ---------------------------------------------------------------- credit interface
     def top_credit(self, p: Pass) -> torch.Tensor:
@@ -348,15 +345,27 @@ class Rule(L.LightningModule):
     def forward(self, x):
         return self.model(x)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if self.cudagraph_steps:
+    def compile_model(self, mode: str | None) -> None:
+        """trainer.compile: the model's embed, blocks and readout through torch.compile in
+        ``mode`` (None: eager)."""
+        self.compile_mode = mode
+        if mode is not None:
+            compile_parts(self.model, mode)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, opt):
+        """One optimizer step of the rule on (x, y): the training step without Lightning's
+        bookkeeping. Returns (batch-mean loss, logits)."""
+        if self.compile_mode in CUDAGRAPH_MODES:  # each step starts a new graph replay
             torch.compiler.cudagraph_mark_step_begin()
-        opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         loss, logits = self.compute_gradients(x, y)
         self.clip_block_gradients()
         opt.step()
+        return loss, logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss, logits = self.update(x, y, self.optimizers())
         sums = self._train_sums
         sums[0] += loss.detach() * len(y)
         if self.loss_kind == "ce":
@@ -471,10 +480,7 @@ class Rule(L.LightningModule):
                         info["first_nonfinite_layer"] = next(
                             (l for l, h in enumerate(states) if not torch.isfinite(h).all()), None)
                         break
-                    opt.zero_grad(set_to_none=True)
-                    self.compute_gradients(x, y)
-                    self.clip_block_gradients()
-                    opt.step()
+                    self.update(x, y, opt)
         except Exception as err:  # noqa: BLE001 — the report must survive a failed replay
             info["note"] = f"the step could not be replayed ({type(err).__name__}: {err})"[:200]
             return info
