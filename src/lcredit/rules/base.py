@@ -294,7 +294,7 @@ class Rule(L.LightningModule):
             if train_model:
                 inputs += trainable(model.embed)
                 roots.append((h0, (p.credits[0] / n).to(h0.dtype)))
-            if one_call and update and self.aux_training and self.trains_auxiliary():
+            if one_call and self.aux_training and self.trains_auxiliary():
                 p.g_top  # the estimator's objective reads it after this call frees the graph
             if roots and inputs:
                 torch.autograd.backward([r for r, _ in roots], [g for _, g in roots],
