@@ -182,7 +182,7 @@ def lcredit_step(cfg, task, device):
     torch.manual_seed(int(cfg.seed))
     rule = lt.build_rule(cfg, task).to(device)
     rule.compile_model(compile_mode(cfg.trainer.get("compile", False), device, rule.model))
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     return lambda x, y: rule.update(x, y, opt)
 
 

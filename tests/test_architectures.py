@@ -49,7 +49,7 @@ def test_rule_x_architecture(tmp_path, arch, variant):
     x, y = task.x_train[:16], task.y_train[:16]
     # Parameters only: BatchNorm running statistics follow the data under every rule.
     before = {k: v.detach().clone() for k, v in rule.model.named_parameters()}
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     opt.zero_grad()
     loss, _ = rule.compute_gradients(x, y)
     opt.step()

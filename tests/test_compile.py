@@ -17,7 +17,7 @@ pytestmark = pytest.mark.xdist_group("compile")  # one worker pays inductor's st
 
 
 def steps(rule, xs, ys):
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     for x, y in zip(xs, ys):
         rule.update(x, y, opt)
     return dict(rule.named_parameters())

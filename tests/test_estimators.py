@@ -36,7 +36,7 @@ def block_grads(rule, x, y):
 
 def fit_estimator(rule, steps, seed=2):
     """Train only the estimator, on a frozen network (the prefit phase)."""
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     for i in range(steps):
         x, y = batch(64, seed=seed + i)
         opt.zero_grad(set_to_none=True)
@@ -225,7 +225,7 @@ def test_blend_has_no_jump_at_either_end(credit_norm):
 def test_an_untrained_aux_never_changes(source):
     rule = Blend(make_model(), SHAPE, C, source=source).double()
     before = copy.deepcopy(rule.field.state_dict())
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     for i in range(3):
         x, y = batch(seed=i)
         opt.zero_grad()

@@ -102,7 +102,7 @@ def parameters(model, estimator):
 
 def run_lcredit(rule, batches, name):
     """The rule's training step (training_step without the Lightning plumbing)."""
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     for x, y in batches:
         rule.update(x, y, opt)
     return parameters(rule.model, getattr(rule, ESTIMATOR[name]) if name in ESTIMATOR else None)

@@ -69,7 +69,7 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
     # ... in eval mode, as the diagnostics measure it (BatchNorm on its running statistics).
     was_training = rule.model.training
     rule.model.eval()
-    opt = rule.configure_optimizers()
+    opt = rule.make_optimizer()
     losses, done = [], 0
     while done < steps:
         for x, y in batches:
@@ -77,6 +77,7 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
             before = rule._aux_sums[0].clone()  # on device: no host sync per step
             rule.compute_gradients(x, y)
             opt.step()
+            rule.after_step()
             losses.append(rule._aux_sums[0] - before)
             done += 1
             if done == steps:

@@ -127,6 +127,14 @@ def build_rule(cfg: DictConfig, task):
     rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
                               num_classes=task.num_classes, optimizer=optimizer)
     rule.loss_kind, rule.costate = task.loss, task.costate
+    fixed = cfg.get("fixed_network", False)
+    if fixed not in (True, False):
+        raise ConfigError(f"fixed_network={fixed!r} must be true or false")
+    rule.fixed_network = bool(fixed)
+    schedule = cfg.get("lr_schedule", "constant")
+    if schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule={schedule!r} must be constant or cosine")
+    rule.lr_schedule = schedule
     clip = cfg.get("block_grad_clip")
     if clip is not None:
         check_range("block_grad_clip", clip, 0.0, lo_open=True)
@@ -544,6 +552,8 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         # The original study's form of the rule, or the lcredit switches that depart from it.
         "form": rule.form(),
         "block_grad_clip": rule.block_grad_clip,
+        # true: the network stayed as initialised; only the rule's estimator trained
+        "fixed_network": rule.fixed_network,
         # trainer.compile as it ran: the torch.compile mode, or null (eager)
         "compile_mode": rule.compile_mode,
         "task": task.name,

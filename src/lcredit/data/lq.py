@@ -11,7 +11,7 @@ from torch import nn
 
 from lcredit.data import Task
 from lcredit.models.base import hidden_states
-from lcredit.errors import ConfigError, check_range
+from lcredit.errors import ConfigError, check_choice, check_range
 
 
 def check_linear_resmlp(model) -> None:
@@ -41,8 +41,11 @@ def lq_costate(model, x, y):
 
 
 def lq(d_in: int = 16, d_out: int = 8, n_train: int = 4096, n_test: int = 1024,
-       noise: float = 0.0, seed: int = 0) -> Task:
-    """Targets y = T x (+ noise) for a fixed random T; Gaussian inputs."""
+       noise: float = 0.0, seed: int = 0, fresh: bool = False) -> Task:
+    """Targets y = T x (+ noise) for a fixed random T; Gaussian inputs. ``fresh``: every epoch
+    trains on ``n_train`` new samples (a function of ``seed`` and the epoch; the epoch-0 set
+    and the test set are the fixed ones), so a run of k steps sees k fresh batches."""
+    check_choice("data.fresh", fresh, (True, False))
     check_range("data.d_in", d_in, 1, integer=True)
     check_range("data.d_out", d_out, 1, integer=True)
     check_range("data.noise", noise, 0.0)
@@ -53,5 +56,14 @@ def lq(d_in: int = 16, d_out: int = 8, n_train: int = 4096, n_test: int = 1024,
     x = torch.randn(n_train + n_test, d_in, generator=g)
     T = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     y = x @ T.T + noise * torch.randn(n_train + n_test, d_out, generator=g)
+
+    def resample(epoch: int):
+        if epoch == 0:
+            return x[:n_train], y[:n_train]
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7_919 * int(epoch)) % 2**63)
+        fx = torch.randn(n_train, d_in, generator=gen)
+        return fx, fx @ T.T + noise * torch.randn(n_train, d_out, generator=gen)
+
     return Task("lq", x[:n_train], y[:n_train], x[n_train:], y[n_train:], d_out, loss="mse",
-                costate=lq_costate, check_model=check_linear_resmlp)
+                costate=lq_costate, check_model=check_linear_resmlp,
+                resample=resample if fresh else None)

@@ -309,12 +309,17 @@ def aggregates(layers: list[dict]) -> dict:
         vals = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         return statistics.median(vals) if vals else math.nan
 
-    # gamma_hidden first: the layers no rule receives exact credit for (SPEC §4)
+    # gamma_hidden first: the layers no rule receives exact credit for (docs/metrics.md).
+    # *_all: the mean over every layer 0..L, the aggregation the original study reports
+    # ("layer-mean across all" hidden states), so its numbers can be set beside lcredit's.
     agg = {"gamma_hidden": mean(hidden, "gamma"), "gamma_0": layers[0]["gamma"],
+           "gamma_all": mean(layers, "gamma"), "rho_all": mean(layers, "rho"),
+           "nudge_all": mean(layers, "nudge"),
            "gamma_deep": mean(deep, "gamma"), "gamma_deep_median": median(deep, "gamma"),
            "gamma_flat_deep": mean(deep, "gamma_flat"), "rho_0": layers[0]["rho"],
            "rho_deep": mean(deep, "rho"), "nudge_deep": mean(deep, "nudge"),
            "null_gamma_deep": mean(deep, "null_gamma")}
     if "costate_cosine" in layers[0]:
         agg["costate_cosine_deep"] = mean(deep, "costate_cosine")
+        agg["costate_cosine_all"] = mean(layers, "costate_cosine")
     return agg

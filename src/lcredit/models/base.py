@@ -47,7 +47,10 @@ def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
     """States h_l and backprop's per-sample credit B * dLoss/dh_l, where ``loss_fn(logits, y)``
     is the batch-mean task loss (the reference every rule is measured against)."""
     with torch.enable_grad():
-        hs = hidden_states(model, x)
+        h0 = model.embed(x)
+        if not h0.requires_grad:  # an identity input layer: h_0 is the input itself
+            h0 = h0.detach().requires_grad_(True)
+        hs = run_blocks(model, h0)
         loss = loss_fn(model.readout(hs[-1]), y)
         grads = torch.autograd.grad(loss * x.shape[0], hs)
     return [h.detach() for h in hs], [g.detach() for g in grads]

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from lcredit.errors import check_choice, check_range
+from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.models.base import BlockModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -38,7 +38,8 @@ class Readout(nn.Module):
 
 
 class ResMLP(BlockModel):
-    """Flattened input → Linear(d) → L pre-LN residual MLP blocks → [LayerNorm] → Linear head."""
+    """Flattened input → Linear(d) (``input_layer=identity``: the input itself) → L pre-LN
+    residual MLP blocks → [LayerNorm] → Linear head."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class ResMLP(BlockModel):
         residual: bool = True,
         block_ln: bool = True,
         w2_std=None,
+        input_layer: str = "linear",
     ):
         super().__init__()
         check_range("model.d", d, 1, integer=True)
@@ -60,9 +62,16 @@ class ResMLP(BlockModel):
         check_choice("model.act", act, ACTIVATIONS)
         if w2_std is not None:
             check_range("model.w2_std", w2_std, 0.0)
+        check_choice("model.input_layer", input_layer, ("linear", "identity"))
         in_features = math.prod(input_shape)
+        if input_layer == "identity" and in_features != d:
+            raise ConfigError(f"model.input_layer=identity makes h_0 the flattened input, which "
+                              f"has {in_features} features, not model.d={d}: set model.d="
+                              f"{in_features} or model.input_layer=linear")
         hidden = max(1, round(d * mlp_ratio))
-        self.embed = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, d))
+        # identity: h_0 = x (no embedding to train; the student of a teacher whose input is d-dim)
+        self.embed = nn.Sequential(nn.Flatten(1), nn.Linear(in_features, d)
+                                   if input_layer == "linear" else nn.Identity())
         self.blocks = nn.ModuleList(
             ResMLPBlock(d, hidden, act, residual, block_ln, w2_std) for _ in range(depth)
         )

@@ -28,7 +28,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lcredit.errors import check_range
+from lcredit.errors import ConfigError, check_range
 from lcredit.models.base import (CUDAGRAPH_MODES, BlockModel, block_branch, compile_parts,
                                  exact_credit, hidden_states, preserved_buffers, run_blocks)
 
@@ -147,6 +147,11 @@ class Rule(L.LightningModule):
         self._epoch_t0 = None
         self._train_time = None
         self.compile_mode: str | None = None  # trainer.compile's torch.compile mode (None: eager)
+        # fixed_network (top-level config): the network never changes, only the rule's own
+        # estimator trains (the toy LQ's fixed system, whose exact costate is the reference).
+        self.fixed_network = False
+        # lr_schedule (top-level config): constant, or cosine over the run (the network's group)
+        self.lr_schedule = "constant"
 
     # ---------------------------------------------------------------- credit interface
     def top_credit(self, p: Pass) -> torch.Tensor:
@@ -183,8 +188,10 @@ class Rule(L.LightningModule):
         return None
 
     def updates_model(self) -> bool:
-        """False while a rule trains only its auxiliary state (prefit / refit phases)."""
-        return True
+        """False while a rule trains only its auxiliary state (prefit / refit phases), and for
+        the whole run with ``fixed_network`` (the network is the fixed system whose credit the
+        rule's estimator learns)."""
+        return not self.fixed_network
 
     def train_auxiliary(self, p: Pass) -> None:
         """Accumulate the gradients of the rule's own estimator on this pass (none by default)."""
@@ -269,7 +276,7 @@ class Rule(L.LightningModule):
                 g = torch.autograd.grad(outs[l], [ins[l]] + params, a, retain_graph=penalise)
                 accumulate(params, g[1:])
                 p.credits[l] = self.layer_credit(l, p, g[0].detach() * n)
-            if train_model:
+            if train_model and trainable(model.embed):
                 torch.autograd.backward(h0, (p.credits[0] / n).to(h0.dtype),
                                         inputs=trainable(model.embed))
         else:
@@ -291,7 +298,7 @@ class Rule(L.LightningModule):
                               for l, b in enumerate(blocks)]
                         roots += [(at[l], (weight * credits[l + 1] / n).to(at[l].dtype))
                                   for l in range(depth)]
-            if train_model:
+            if train_model and trainable(model.embed):  # (an identity input layer has none)
                 inputs += trainable(model.embed)
                 roots.append((h0, (p.credits[0] / n).to(h0.dtype)))
             if one_call and self.aux_training and self.trains_auxiliary():
@@ -322,7 +329,7 @@ class Rule(L.LightningModule):
         grads = torch.autograd.grad(loss, states + head + body)
         accumulate(head + body, grads[len(states):])
         credits = [g.detach() * n for g in grads[:len(states)]]
-        if update:
+        if update and trainable(model.embed):
             torch.autograd.backward(h0, (credits[0] / n).to(h0.dtype),
                                     inputs=trainable(model.embed))
         return loss.detach(), logits.detach(), credits
@@ -337,10 +344,36 @@ class Rule(L.LightningModule):
     def optimized_parameters(self) -> list[nn.Parameter]:
         return trainable(self.model)
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups; the first is the network's (the one the learning-
+        rate schedule follows), an estimator rule adds its own with ``aux_lr``."""
+        return [{"params": self.optimized_parameters(), "name": "network"}]
+
+    def make_optimizer(self):
+        groups = [g for g in self.param_groups() if g["params"]]
         if self.optimizer_factory is None:
-            return torch.optim.Adam(self.optimized_parameters(), lr=1e-3)
-        return self.optimizer_factory(self.optimized_parameters())
+            return torch.optim.Adam(groups, lr=1e-3)
+        return self.optimizer_factory(groups)
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer()
+        if self.lr_schedule == "constant":
+            return opt
+        # lr_schedule=cosine: the network's learning rate follows half a cosine from its value to
+        # 0 over trainer.max_epochs (stepped at each epoch's end); an estimator keeps its aux_lr.
+        epochs = max(int(getattr(self.trainer, "max_epochs", 0) or 0), 1)
+        def cosine(e):
+            return 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+
+        lambdas = [cosine if g.get("name") == "network" else (lambda e: 1.0)
+                   for g in opt.param_groups]
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambdas), "interval": "epoch"}}
+
+    def on_train_epoch_end(self):
+        scheduler = self.lr_schedulers() if self.lr_schedule != "constant" else None
+        if scheduler is not None:  # manual optimisation: the rule steps its own schedule
+            scheduler.step()
 
     def forward(self, x):
         return self.model(x)
@@ -361,7 +394,11 @@ class Rule(L.LightningModule):
         loss, logits = self.compute_gradients(x, y)
         self.clip_block_gradients()
         opt.step()
+        self.after_step()
         return loss, logits
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (cb's target network follows its value net)."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -392,6 +429,10 @@ class Rule(L.LightningModule):
 
     def check_trainer(self, trainer_cfg: dict) -> None:
         """Refuse trainer settings this rule's options cannot work with (before training)."""
+        max_epochs = trainer_cfg.get("max_epochs")
+        if self.lr_schedule == "cosine" and (max_epochs is None or max_epochs < 1):
+            raise ConfigError(f"lr_schedule=cosine runs over trainer.max_epochs, which is "
+                              f"{max_epochs}: set trainer.max_epochs, or lr_schedule=constant")
 
     def on_fit_start(self):
         self.log_every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
@@ -466,8 +507,7 @@ class Rule(L.LightningModule):
         try:
             self.train()
             self.load_state_dict(ckpt["state_dict"])
-            opt = self.configure_optimizers()
-            opt = opt[0] if isinstance(opt, (list, tuple)) else opt
+            opt = self.make_optimizer()
             opt.load_state_dict(ckpt["optimizer_states"][0])
             loader.sampler.set_epoch(epoch - 1)
             first = step - int(ckpt.get("global_step", 0))

@@ -56,17 +56,21 @@ class Blend(VEC):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
+                 hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
                  terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
+                 field="concat", field_ln=False, layer_code="add", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
                  freeze_after=None, decay_to=None, decay_epochs=0, mix="plain",
                  zero_target_renorm=False):
         check_choice("method.source", source, SOURCES)
         self.source = source
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
-                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim, M, eps, eps_scale, one_sided,
-                         terminal_weight, shuffle_targets, loss_scale, field)
+                         s_type=s_type, width=width, aux_lr=aux_lr, credit_norm=credit_norm,
+                         warmup_ratio=warmup_ratio, prefit_epochs=prefit_epochs,
+                         periodic_refit=periodic_refit, topdown=topdown, hL_dim=hL_dim,
+                         norm_fallback=norm_fallback, M=M, eps=eps, eps_scale=eps_scale,
+                         one_sided=one_sided, terminal_weight=terminal_weight,
+                         shuffle_targets=shuffle_targets, loss_scale=loss_scale, field=field,
+                         field_ln=field_ln, layer_code=layer_code)
         check_choice("method.mix", mix, ("plain", "one_scale"))
         check_choice("method.zero_target_renorm", zero_target_renorm, (True, False))
         self.mix, self.zero_target_renorm = mix, bool(zero_target_renorm)

@@ -1,4 +1,6 @@
 """End-to-end backpropagation: the reference every other rule is measured against."""
+import torch
+
 from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules.base import Rule
 
@@ -7,6 +9,10 @@ class BP(Rule):
     name = "bp"
 
     def compute_gradients(self, x, y):
+        if not self.updates_model():  # fixed_network: nothing of bp's own to train
+            with torch.no_grad():
+                logits = self.model(x)
+            return self.task_loss(logits, y), logits
         hs = hidden_states(self.model, x)
         logits = self.model.readout(hs[-1])
         loss = self.task_loss(logits, y)

@@ -1,11 +1,14 @@
-"""Credit bridge: a value network whose input-gradient is the credit (SPEC §3)."""
+"""Credit bridge: a value network whose input-gradient is the credit (docs/rules.md)."""
+import copy
+import math
+
 import torch
 
-from lcredit.errors import check_choice, check_range
+from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import (FIELDS, SCALES, CreditNet, Estimator, credit_rms, per_sample_sq,
-                                     relative_sq, unit_directions)
+from lcredit.rules.estimator import (FIELDS, LAYER_CODES, SCALES, CreditNet, Estimator, credit_rms,
+                                     per_sample_sq, relative_sq, unit_directions)
 
 
 class CB(Estimator):
@@ -25,12 +28,13 @@ class CB(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, tgw=1.0, K=4, sigma=0.05, sigma_scale="absolute",
+                 hL_dim=32, norm_fallback=False, tgw=1.0, K=4, sigma=0.05, sigma_scale="absolute",
                  bridge_noise="target", bridge_slope=0.0, terminal_scale="absolute",
-                 field="concat"):
+                 field="concat", field_ln=False, layer_code="add", target_ema=None,
+                 bridge_temp=None):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim)
+                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
         check_range("method.tgw", tgw, 0.0)
         check_range("method.K", K, 1, integer=True)
         check_range("method.sigma", sigma, 0.0)
@@ -39,10 +43,56 @@ class CB(Estimator):
         check_range("method.bridge_slope", bridge_slope, 0.0)
         check_choice("method.terminal_scale", terminal_scale, SCALES)
         check_choice("method.field", field, FIELDS)
+        check_choice("method.field_ln", field_ln, (True, False))
+        check_choice("method.layer_code", layer_code, LAYER_CODES)
+        if target_ema is not None:
+            check_range("method.target_ema", target_ema, 0.0, 1.0)
+            if target_ema == 1.0:
+                raise ConfigError("method.target_ema=1.0 never moves the target network: give a "
+                                  "momentum in [0, 1), e.g. 0.995, or null (no target network)")
+        if bridge_temp is not None:
+            check_range("method.bridge_temp", bridge_temp, 0.0, lo_open=True)
+        self.field_ln, self.layer_code = bool(field_ln), layer_code
+        self.target_ema = None if target_ema is None else float(target_ema)
+        self.bridge_temp = None if bridge_temp is None else float(bridge_temp)
         self.sigma_scale, self.bridge_noise = sigma_scale, bridge_noise
         self.bridge_slope, self.terminal_scale = float(bridge_slope), terminal_scale
         self.tgw, self.K, self.sigma, self.field_form = float(tgw), int(K), float(sigma), field
-        self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar", form=field)
+        self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar", form=field,
+                               ln=field_ln, layer_code=layer_code)
+        # target_ema: the bridge's targets come from a slowly following copy of V (a target
+        # network, as in TD learning), updated after every optimizer step; it is part of the
+        # rule's state (saved and restored with every checkpoint).
+        self.value_target = None
+        if self.target_ema is not None:
+            self.value_target = copy.deepcopy(self.value).requires_grad_(False)
+
+    def option_applies(self, option: str) -> bool:
+        if option == "layer_code":
+            return self.field_form == "concat"
+        return super().option_applies(option)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.value_target is None:
+            return
+        m = self.target_ema
+        for tgt, src in zip(self.value_target.parameters(), self.value.parameters()):
+            tgt.lerp_(src.detach(), 1.0 - m)
+
+    def bridge_value(self, h, l, s):
+        """V at layer l for the bridge's targets: the target network's where there is one."""
+        net = self.value if self.value_target is None else self.value_target
+        return net(h, l, s)
+
+    def soft_min(self, values: torch.Tensor) -> torch.Tensor:
+        """The bridge target over the K noise samples (dim 0): their mean, or with
+        ``bridge_temp`` = lam the soft minimum -lam log mean_k exp(-V_k / lam) (-> the mean as
+        lam -> inf, the minimum as lam -> 0)."""
+        if self.bridge_temp is None:
+            return values.mean(0)
+        lam = self.bridge_temp
+        return -lam * (torch.logsumexp(-values / lam, dim=0) - math.log(values.shape[0]))
 
     def value_and_grad(self, l, h, s, create_graph=False):
         """V(h, l, s) per sample and dV/dh (the credit)."""
@@ -82,12 +132,12 @@ class CB(Estimator):
                     noise = torch.randn((self.K, *nxt.shape), generator=gen, device=nxt.device,
                                         dtype=nxt.dtype)
                     noisy = (nxt[None] + self.noise_scale(nxt) * noise).flatten(0, 1)
-                    target = self.value(noisy, l + 1, cond).view(self.K, -1).mean(0)
+                    target = self.soft_min(self.bridge_value(noisy, l + 1, cond).view(self.K, -1))
                 else:  # input: the same noisy h_l on both sides, through block l (forward only)
                     noise = torch.randn((self.K, *here.shape), generator=gen, device=here.device,
                                         dtype=here.dtype)
                     moved = (here[None] + self.noise_scale(here) * noise).flatten(0, 1)
-                    target = self.value(self.through_block(l, moved, p), l + 1, cond)
+                    target = self.bridge_value(self.through_block(l, moved, p), l + 1, cond)
             if self.bridge_noise == "target":
                 v = self.value(here, l, s)
             else:

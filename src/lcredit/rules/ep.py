@@ -261,6 +261,7 @@ class EP(Rule):
                                     ep_displacement=means["displacement"])
 
     def on_train_epoch_end(self):
+        super().on_train_epoch_end()
         means = self._epoch_means()
         if means is not None:
             self.log("ep/residual", means["residual"])

@@ -52,6 +52,9 @@ def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
 FIELDS = ("concat", "gated")
 # A size (noise, step, loss) taken as it is, or relative to the size of what it applies to.
 SCALES = ("absolute", "relative")
+# How the layer index t enters the concat field (see CreditNet).
+LAYER_CODES = ("add", "embed", "scalar", "onehot")
+EMBED_DIM = 16  # layer_code=embed: the learned embedding's size
 
 
 class CreditNet(nn.Module):
@@ -59,11 +62,21 @@ class CreditNet(nn.Module):
 
     ``form``:
 
-    - ``concat`` (the original study's, SPEC §3 Fidelity): a plain MLP on the concatenation
-      of its inputs, ``[flatten(h), embedding(t), s]`` → width → width → output. Its first
-      linear layer is written as the sum of one linear map per input (the same function); where
-      the layers' states differ in size (a CNN's stages) the h part of that layer, and the
-      output layer, are per layer, since one matrix cannot take them all.
+    - ``concat``: a plain MLP on the concatenation of its inputs, ``[flatten(h), code(t), s]``
+      → width → width → output. Its first linear layer is written as the sum of one linear map
+      per input (the same function); where the layers' states differ in size (a CNN's stages)
+      the h part of that layer, and the output layer, are per layer, since one matrix cannot
+      take them all. ``ln=True`` layer-normalises h first (the original study's estimator input,
+      ``[LN(h_l), time_embed(t_l), s]``). ``layer_code`` says how t enters:
+
+      - ``add``: a learned N(0,1) vector of the network's width added to the first layer's
+        pre-activation (one reading of "an embedding of t"; it dominates that layer, so every
+        sample starts with nearly the same output);
+      - ``embed``: a learned N(0,1) embedding of 16 numbers, concatenated like any input;
+      - ``scalar``: t / L as one input; ``onehot``: the one-hot of t as inputs.
+
+      With a concatenated code the first layer is initialised as one ``nn.Linear`` over the
+      whole concatenation would be (bound 1/sqrt(total fan-in)).
     - ``gated`` (lcredit's, ``method.field=gated``): h is layer-normalised first (a growing
       residual stream does not saturate it), each layer has its own input projection and output
       head, and the output is *linear in s*: the features gate a bias-free projection of s.
@@ -78,14 +91,21 @@ class CreditNet(nn.Module):
     """
 
     def __init__(self, dims: list[int], cond_dim: int, width: int, out: str = "vector",
-                 inputs: str = "full", form: str = "concat"):
+                 inputs: str = "full", form: str = "concat", ln: bool = False,
+                 layer_code: str = "add"):
         super().__init__()
         self.dims, self.out, self.inputs, self.form = list(dims), out, inputs, form
         shared = len(set(dims)) == 1 and form == "concat"
         self.shared = shared
         gated = form == "gated"
+        self.ln = bool(ln) or gated
+        # time_only / constant inputs and the gated form keep the additive code
+        self.layer_code = layer_code if inputs == "full" and not gated else "add"
         self.embed_in = nn.ModuleList(nn.Linear(d, width) for d in (dims[:1] if shared else dims))
-        self.layer = nn.Embedding(len(dims), width)
+        code_in = {"add": 0, "embed": EMBED_DIM, "scalar": 1, "onehot": len(dims)}[self.layer_code]
+        self.layer = (nn.Embedding(len(dims), EMBED_DIM if self.layer_code == "embed" else width)
+                      if self.layer_code in ("add", "embed") else None)
+        self.code = nn.Linear(code_in, width, bias=False) if code_in else None
         self.trunk = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU())
         use_code = bool(cond_dim) and inputs == "full"  # time_only / constant see no code either
         self.cond = nn.Linear(cond_dim, width, bias=False) if use_code else None
@@ -98,15 +118,35 @@ class CreditNet(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(width, d, bias=not (gated and use_code))
                                    for d in n_out)
         self.offset = (nn.Linear(width, 1) if gated and out == "scalar" and use_code else None)
+        if self.code is not None:
+            # one nn.Linear over [h, code(t), s]: every part of it shares the default bound
+            with torch.no_grad():
+                for i, lin in enumerate(self.embed_in):
+                    fan_in = (dims[i] if not shared else dims[0]) + code_in + (cond_dim if use_code else 0)
+                    bound = fan_in ** -0.5
+                    parts = [lin.weight, lin.bias, self.code.weight] + (
+                        [self.cond.weight] if self.cond is not None else [])
+                    for w in parts:
+                        w.uniform_(-bound, bound)
+
+    def code_term(self, t: int) -> torch.Tensor:
+        """The layer index's contribution to the first layer's pre-activation."""
+        if self.layer_code == "add":
+            return self.layer.weight[t]
+        if self.layer_code == "embed":
+            return self.code(self.layer.weight[t])
+        if self.layer_code == "scalar":
+            return self.code.weight[:, 0] * (t / max(len(self.dims) - 1, 1))
+        return self.code.weight[:, t]  # onehot
 
     def forward(self, h: torch.Tensor, t: int, s: torch.Tensor | None) -> torch.Tensor:
         n = h.shape[0]
         gated = self.form == "gated"
         if self.inputs == "full":
             flat = h.flatten(1)
-            if gated:
+            if self.ln:
                 flat = F.layer_norm(flat, flat.shape[1:])
-            z = self.embed_in[0 if self.shared else t](flat) + self.layer.weight[t]
+            z = self.embed_in[0 if self.shared else t](flat) + self.code_term(t)
             if not gated and self.cond is not None and s is not None:
                 z = z + self.cond(s.to(z.dtype))
         elif self.inputs == "time_only":
@@ -141,8 +181,13 @@ class Estimator(DFA):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32):
+                 hL_dim=32, norm_fallback=False):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
+        check_choice("method.norm_fallback", norm_fallback, (True, False))
+        # credit_norm also for the DFA credit the rule falls back to (the warm-up, topdown's
+        # lower blocks): every block update then has the same scale, before and after the
+        # estimator takes over.
+        self.norm_fallback = bool(norm_fallback)
         check_choice("method.s_type", s_type, S_TYPES)
         if hL_dim is not None:
             check_range("method.hL_dim", hL_dim, 1, integer=True)
@@ -244,7 +289,7 @@ class Estimator(DFA):
         return "rule"
 
     def updates_model(self) -> bool:
-        return self.phase() != "fit"
+        return super().updates_model() and self.phase() != "fit"
 
     def compute_gradients(self, x, y):
         if self.updates_model():
@@ -309,7 +354,10 @@ class Estimator(DFA):
 
     def rule_credit(self, l: int, p: Pass) -> torch.Tensor:
         if not self.uses_estimator(l):
-            return self.dfa_credit(l, p)
+            a = self.dfa_credit(l, p)
+            if self.norm_fallback and self.credit_norm is not None:
+                a = rms_normalise(a, per_sample=self.credit_norm == "sample")
+            return a
         return self.learned_credit(l, p).to(p.states[l].dtype)
 
     def top_credit(self, p):
@@ -353,13 +401,9 @@ class Estimator(DFA):
     def optimized_parameters(self):
         return trainable(self.model)
 
-    def configure_optimizers(self):
-        groups = [{"params": self.optimized_parameters()},
-                  {"params": self.estimator_parameters(), "lr": self.aux_lr}]
-        groups = [g for g in groups if g["params"]]
-        if self.optimizer_factory is None:
-            return torch.optim.Adam(groups, lr=1e-3)
-        return self.optimizer_factory(groups)
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.optimized_parameters(), "name": "network"},
+                {"params": self.estimator_parameters(), "lr": self.aux_lr, "name": "estimator"}]
 
     def on_validation_epoch_end(self):
         n_rows = len(self.history)

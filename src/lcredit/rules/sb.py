@@ -45,10 +45,10 @@ class SB(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, predictor="mlp"):
+                 hL_dim=32, norm_fallback=False, predictor="mlp"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim)
+                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
         check_choice("method.predictor", predictor, PREDICTORS)
         self.predictor = predictor
         top = self.state_shapes[-1]

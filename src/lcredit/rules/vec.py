@@ -5,7 +5,8 @@ import torch
 from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import FIELDS, SCALES, CreditNet, Estimator, relative_sq, unit_directions
+from lcredit.rules.estimator import (FIELDS, LAYER_CODES, SCALES, CreditNet, Estimator, relative_sq,
+                                     unit_directions)
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
@@ -42,12 +43,15 @@ class VEC(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
+                 hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
                  terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat"):
+                 field="concat", field_ln=False, layer_code="add"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim)
+                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
+        check_choice("method.field_ln", field_ln, (True, False))
+        check_choice("method.layer_code", layer_code, LAYER_CODES)
+        self.field_ln, self.layer_code = bool(field_ln), layer_code
         check_range("method.M", M, 1, integer=True)
         check_range("method.eps", eps, 0.0, lo_open=True)
         check_choice("method.eps_scale", eps_scale, SCALES)
@@ -61,7 +65,12 @@ class VEC(Estimator):
 
     def make_field(self, inputs="full"):
         return CreditNet(self.dims, self.cond_dim(), self.width, out="vector", inputs=inputs,
-                         form=self.field_form)
+                         form=self.field_form, ln=self.field_ln, layer_code=self.layer_code)
+
+    def option_applies(self, option: str) -> bool:
+        if option == "layer_code":
+            return self.field_form == "concat"
+        return super().option_applies(option)
 
     def field_output(self, l, h, s):
         return self.field(at_least_fp32(h), l, s)
