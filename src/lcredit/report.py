@@ -109,6 +109,10 @@ def metric(rec: dict, key: str):
         return (rec.get("protocol") or {}).get("frozen_baseline_acc")
     if key == "costate_deep":
         return _deep_mean(rec, "costate_cosine")
+    if key == "costate_all":
+        vals = [row.get("costate_cosine") for row in _layers(rec)]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
     if key == "loss_drop":
         hist = [h.get("train_loss") for h in rec.get("history") or []]
         return None if len(hist) < 1 or None in (hist[0], hist[-1]) else hist[0] - hist[-1]
@@ -244,32 +248,66 @@ def _sortable(v):
         return (1, 0.0, str(v))
 
 
-def train_markdown(title: str, cols, rows, axes) -> str:
+def published(study: dict, row: dict) -> dict:
+    """The original study's published values for this row's arm and axis point (the study
+    config's ``reference:`` block: ``values: [{arm, point: {axis: value}, <metric>: value}]``)."""
+    ref = study.get("reference") or {}
+    for entry in ref.get("values") or []:
+        if str(entry.get("arm")) != str(row.get("arm")):
+            continue
+        point = entry.get("point") or {}
+        if all(_same(row.get(a), v) for a, v in point.items()):
+            return {k: v for k, v in entry.items() if k not in ("arm", "point")}
+    return {}
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def train_markdown(title: str, cols, rows, axes, study: dict | None = None) -> str:
     head = ["arm", *axes, "n", "status", *cols]
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    any_ref = False
     for r in rows:
         cells = [str(r["arm"]), *(str(r.get(a, "")) for a in axes), str(r["n"]), r["status"]]
+        ref = published(study or {}, r)
         for c in cols:
             v = r.get(c)
-            cells.append(v if isinstance(v, str) else fmt(*(v or (None, None))[:2]))
+            cell = v if isinstance(v, str) else fmt(*(v or (None, None))[:2])
+            if c in ref and ref[c] is not None:  # the original's number beside lcredit's
+                cell += f" (published {fmt(float(ref[c]), None)})"
+                any_ref = True
+            cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "mean ± std over seeds (ddof = 1; no ± with one seed); n = seeds with final "
               "numbers (completed or aborted); a failed or diverged job is counted in status "
-              "and has no numbers.", ""]
+              "and has no numbers."]
+    if any_ref:
+        source = ((study or {}).get("reference") or {}).get("source", "the original study")
+        lines.append(f"(published x): the value {source} reports for that cell.")
+    lines.append("")
     return "\n".join(lines)
 
 
-def train_csv(path: Path, cols, rows, axes) -> None:
+def train_csv(path: Path, cols, rows, axes, study: dict | None = None) -> None:
+    refs = [published(study or {}, r) for r in rows]
+    with_ref = [c for c in cols if any(c in ref for ref in refs)]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stage", "arm", *axes, "n", "status", "seeds",
-                    *(x for c in cols for x in (f"{c}_mean", f"{c}_std"))])
-        for r in rows:
+                    *(x for c in cols for x in (f"{c}_mean", f"{c}_std")),
+                    *(f"{c}_published" for c in with_ref)])
+        for r, ref in zip(rows, refs):
             out = [r["stage"], r["arm"], *(r.get(a, "") for a in axes), r["n"], r["status"],
                    " ".join(map(str, r["seeds"]))]
             for c in cols:
                 v = r.get(c)
                 out += [v, ""] if isinstance(v, str) else list((v or (None, None))[:2])
+            out += [ref.get(c) for c in with_ref]
             w.writerow(["" if x is None else x for x in out])
 
 
@@ -579,9 +617,9 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
             stage_axes = [a for a in axes if any(r.get(a) for r in rows)]
             label = "" if stage == "main" else f"_{stage}"
             text.append(train_markdown(f"Training runs{'' if stage == 'main' else ' — stage ' + stage}",
-                                       cols, rows, stage_axes))
+                                       cols, rows, stage_axes, study))
             csv_path = out / f"{name}{label}.csv"
-            train_csv(csv_path, cols, rows, stage_axes)
+            train_csv(csv_path, cols, rows, stage_axes, study)
             written.append(csv_path)
             if "both_below_frozen" in (study.get("reported") or []):
                 text.append(by_seed_table(recs))

@@ -482,6 +482,93 @@ def calibrate(ckpt_path, null_draws: int = 20, data_root=None) -> dict:
             "random_init": report.to_dict()}
 
 
+# ---- one arm as one job ----------------------------------------------------------------------
+
+def single_job_argv(argv: list[str]) -> list[str]:
+    """``python -m lcredit.train experiment=<study> arm=<arm> [<axis>=<value>...] seed=<s>``:
+    one job of a single-stage study, as its sweep would run it. ``arm=`` and the axis values
+    are replaced by the job's overrides (the smoke scale's, the arm's, the axis values'), the
+    study markers (recorded in results.json) and, unless the command names one, the run
+    directory the study lays the job out in (``studies/<study>/<scale>/<job>/seed=<s>``), so
+    ``lcredit.study`` and ``lcredit.report`` see it as that study's job. An axis left out takes
+    the value the config gives its key. The command line's own overrides still come last and
+    win. With ``-m``, ``arm=a,b`` keeps those arms of the study sweep. argv without ``arm=`` is
+    returned as it is."""
+    prog, rest = argv[:1], list(argv[1:])
+    arm_items = [a for a in rest if a.partition("=")[0] == "arm"]
+    if not arm_items:
+        return argv
+    arm = arm_items[-1].partition("=")[2].strip("'\"")
+    rest = [a for a in rest if a.partition("=")[0] != "arm"]
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    experiment = next((a.partition("=")[2] for a in rest if a.partition("=")[0] in
+                       ("experiment", "+experiment")), None)
+    if not experiment:
+        raise ConfigError(f"arm={arm}: an arm belongs to a study; name it with "
+                          f"experiment=<study> (the studies: {', '.join(known_studies())})")
+    if multirun:
+        if experiment not in known_studies():
+            raise ConfigError(f"experiment={experiment}: no such study (the studies: "
+                              f"{', '.join(known_studies())})")
+        arms = [a for a in arm.strip("[]").split(",") if a]
+        return prog + rest + [f"hydra.sweeper.arms=[{','.join(arms)}]"]
+    scale = next((a.partition("=")[2] for a in rest if a.partition("=")[0] == "scale"), "paper")
+    user = [a for a in rest if a.partition("=")[0] not in ("experiment", "+experiment", "scale")]
+    job, ov, user = arm_job(experiment, arm, scale, user)
+    out = [] if any(a.partition("=")[0].lstrip("+") in ("hydra.run.dir", "paths.output_dir")
+                    for a in user) else [
+        f"hydra.run.dir={_quote(job.directory(Path('studies') / job.study / scale))}"]
+    return prog + [f"experiment={experiment}", f"scale={scale}", *ov, *job.marker_overrides(),
+                   *out, *user]
+
+
+def arm_job(experiment: str, arm: str, scale: str = "paper", user=()) -> tuple[Job, list, list]:
+    """The job of ``arm`` of single-stage study ``experiment`` at the axis values ``user`` gives
+    as ``<axis>=<value>`` (the rest of ``user`` are overrides of the run): (the Job, its
+    overrides, the user's overrides without the axis values). An axis left out takes the value
+    the composed config gives its key."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if experiment not in known_studies():
+        raise ConfigError(f"experiment={experiment}: no such study (the studies: "
+                          f"{', '.join(known_studies())})")
+    node = study_node(compose_job(experiment, [f"scale={scale}"]))
+    plan = stages(node, scale)
+    if list(plan) != [MAIN]:
+        raise ConfigError(f"study {experiment} has stages ({', '.join(plan)}), which run in "
+                          f"order: python -m lcredit.study {experiment} arms={arm}")
+    stage = plan[MAIN]
+    if arm not in stage["arms"]:
+        raise ConfigError(f"arm={arm} is not an arm of study {experiment} "
+                          f"({', '.join(stage['arms'])})")
+    spec = stage["arms"][arm]
+    spec = {"overrides": spec} if isinstance(spec, list) else dict(spec or {})
+    axes = {a: stage["axes"][a] for a in spec.get("axes", list(stage["axes"]))}
+    user = list(user)
+    given = {a.partition("=")[0]: a.partition("=")[2] for a in user if a.partition("=")[0] in axes}
+    user = [a for a in user if a.partition("=")[0] not in axes]
+    axis_ov = []
+    for name, axis in axes.items():
+        options = dict(_axis_values(name, axis))
+        if name in given:
+            label = given[name]
+            if label not in options and not axis.get("key"):
+                raise ConfigError(f"{name}={label}: axis {name} of study {experiment} has the "
+                                  f"values {', '.join(options)}")
+            axis_ov += options.get(label) or [f"{axis['key']}={label}"]
+        elif not axis.get("key"):
+            raise ConfigError(f"study {experiment}: give a value of its axis {name} "
+                              f"({name}=<{'|'.join(options)}>)")
+    ov = (list(stage.get("scale_overrides", [])) + list(stage.get("overrides", []))
+          + list(spec.get("overrides") or []) + axis_ov
+          + list((stage.get("arm_extra") or {}).get(arm, [])))
+    cfg = compose_job(experiment, [f"scale={scale}", *ov, *user])
+    labels = {name: given[name] if name in given else _label(OmegaConf.select(cfg, axis["key"]))
+              for name, axis in axes.items()}
+    GlobalHydra.instance().clear()  # hydra.main initialises its own
+    return Job(node["name"], scale, MAIN, "train", arm, labels, int(cfg.seed), ov), ov, user
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 USAGE = """usage: python -m lcredit.study <study> [scale=paper|smoke] [out=DIR] [arms=a,b] [seeds=0,1] [overrides...]

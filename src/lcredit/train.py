@@ -683,4 +683,11 @@ def _record_failure(cfg: DictConfig, err: Exception) -> None:
 
 if __name__ == "__main__":
     quote_path_overrides()
+    try:  # experiment=<study> arm=<arm>: one job of the study, as its sweep would run it
+        from lcredit.study import single_job_argv
+
+        sys.argv = single_job_argv(sys.argv)
+    except ConfigError as err:
+        print(f"lcredit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()
