@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # runs it in one process.
 PYTEST ?= -n auto --dist loadgroup
 
-.PHONY: setup dev run test bench ladder default-task studies-doc clean
+.PHONY: setup dev run test bench ladder reproduce default-task studies-doc clean
 
 $(VENV)/.setup: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ bench: dev
 # About 2 hours on a 2-core CPU; on a GPU machine: make ladder ARGS="--jobs 12 --device cuda".
 ladder: setup
 	$(PY) scripts/ladder_credit.py --readme README.md $(ARGS)
+
+# The original study's offline results: every reading of each open detail, then the ladder, the
+# vector-field pilot and the toy LQ at their original settings against the published numbers
+# (docs/reproduction.md, the README's Fidelity summary). Hours on a 2-core CPU (runs already done
+# are kept); on a GPU machine: make reproduce ARGS="--jobs 12 --device cuda".
+reproduce: setup
+	$(PY) scripts/reproduce.py --readme README.md $(ARGS)
 
 # bp, fa, dfa at the defaults (make run's task and budget), frozen and a linear probe, 3 seeds.
 default-task: setup

@@ -40,6 +40,8 @@ fa_layerwise: a dict from each block linear to its (out, in) matrix), or a dict:
 hyperparameters, and for the estimators ``net`` (the estimator), ``seed`` and ``step`` (their
 noise is drawn from a generator seeded per step by both, as lcredit's), blend's ``feedback``.
 """
+import copy
+import math
 from types import SimpleNamespace
 
 import torch
@@ -50,7 +52,8 @@ from torch import nn
 DEFAULTS = {
     "ep": dict(beta=0.01, T=30, tol=0.01),
     "sb": dict(width=256, aux_lr=1e-3),
-    "cb": dict(width=256, aux_lr=3e-3, K=4, sigma=0.05, tgw=1.0),
+    "cb": dict(width=256, aux_lr=1e-3, K=4, sigma=0.05, tgw=1.0, target_ema=0.995,
+               bridge_temp=0.1),
     "vec": dict(width=256, aux_lr=1e-3, M=4, eps=1e-3, terminal_weight=1.0),
     "blend": dict(width=256, aux_lr=1e-3, M=4, eps=1e-3, terminal_weight=1.0, alpha=0.5),
 }
@@ -157,8 +160,10 @@ def _local_update(p, credits):
     torch.autograd.backward([p.h0, *p.outs], [a / len(p.y) for a in credits])
 
 
-def _normalised(a):
-    """Each sample's credit over its own RMS (+ 1e-6)."""
+def _normalised(a, per_sample=True):
+    """Each sample's credit over its own RMS (+ 1e-6), or the layer's over its batch RMS."""
+    if not per_sample:
+        return a / (a.pow(2).mean().sqrt() + 1e-6)
     return a / (a.pow(2).mean(1, keepdim=True).sqrt() + 1e-6)
 
 
@@ -227,19 +232,27 @@ class Predictor(nn.Module):
 
 
 class ConcatNet(nn.Module):
-    """cb's value (out 1) and vec's field (out d): an MLP on [h, embedding(t), e], its first
-    layer written as one linear map per input."""
+    """cb's value (out 1) and vec's field (out d): an MLP on [LN(h), embedding(t), e] (a learned
+    16-number embedding of the layer index), its first layer written as one linear map per
+    input, initialised as one nn.Linear over the concatenation."""
 
-    def __init__(self, d, c, depth, width, out):
+    def __init__(self, d, c, depth, width, out, code=16):
         super().__init__()
         self.embed_in = nn.ModuleList([nn.Linear(d, width)])
-        self.layer = nn.Embedding(depth + 1, width)
+        self.layer = nn.Embedding(depth + 1, code)
+        self.code = nn.Linear(code, width, bias=False)
         self.trunk = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU())
         self.cond = nn.Linear(c, width, bias=False)
         self.heads = nn.ModuleList([nn.Linear(width, out)])
+        bound = (d + code + c) ** -0.5
+        with torch.no_grad():
+            for w in (self.embed_in[0].weight, self.embed_in[0].bias, self.code.weight,
+                      self.cond.weight):
+                w.uniform_(-bound, bound)
 
     def forward(self, h, t, e):
-        return self.heads[0](self.trunk(self.embed_in[0](h) + self.layer.weight[t] + self.cond(e)))
+        z = self.embed_in[0](F.layer_norm(h, h.shape[1:])) + self.code(self.layer.weight[t])
+        return self.heads[0](self.trunk(z + self.cond(e)))
 
 
 def _sb_credits(model, state, p):
@@ -264,7 +277,8 @@ def _value_grad(V, l, h, e, create_graph=False):
 
 
 def _cb_credits(model, state, p):
-    return [_normalised(_value_grad(state["net"], l, h, p.e)[1]) for l, h in enumerate(p.hs)]
+    return [_normalised(_value_grad(state["net"], l, h, p.e)[1], per_sample=False)
+            for l, h in enumerate(p.hs)]
 
 
 def _cb_loss(model, state, p):
@@ -273,19 +287,29 @@ def _cb_loss(model, state, p):
     loss = ((v - F.cross_entropy(p.logits, p.y, reduction="none")).pow(2).mean()
             + state["tgw"] * (dv - p.g).pow(2).sum(1).mean())
     gen = _noise(state, p.g.device)
+    lam = state["bridge_temp"]
     for l in range(depth):
         nxt = p.hs[l + 1]
-        with torch.no_grad():
+        with torch.no_grad():   # the target network's soft-min over K noisy next states
             xi = torch.randn((K, *nxt.shape), generator=gen, dtype=nxt.dtype, device=nxt.device)
             noisy = (nxt + state["sigma"] * xi).flatten(0, 1)
-            target = V(noisy, l + 1, p.e.repeat(K, 1))[:, 0].view(K, -1).mean(0)
+            vals = state["target"](noisy, l + 1, p.e.repeat(K, 1))[:, 0].view(K, -1)
+            target = -lam * (torch.logsumexp(-vals / lam, 0) - math.log(K))
         loss = loss + (V(p.hs[l], l, p.e)[:, 0] - target).pow(2).mean()
     return loss
 
 
-def _vec_credits(model, state, p):
+def _cb_after(state):
+    """The target network follows the value net by its momentum, after every step."""
+    m = state["target_ema"]
     with torch.no_grad():
-        return [_normalised(state["net"](h, l, p.e)) for l, h in enumerate(p.hs)]
+        for t, v in zip(state["target"].parameters(), state["net"].parameters()):
+            t.mul_(m).add_(v, alpha=1 - m)
+
+
+def _vec_credits(model, state, p, per_sample=False):
+    with torch.no_grad():
+        return [_normalised(state["net"](h, l, p.e), per_sample) for l, h in enumerate(p.hs)]
 
 
 def _vec_loss(model, state, p):
@@ -310,12 +334,12 @@ def _vec_loss(model, state, p):
 def _blend_credits(model, state, p):
     alpha = state["alpha"]
     return [alpha * a + (1 - alpha) * (p.e @ B)
-            for a, B in zip(_vec_credits(model, state, p), state["feedback"])]
+            for a, B in zip(_vec_credits(model, state, p, per_sample=True), state["feedback"])]
 
 
-def _estimator_step(credits, aux_loss):
+def _estimator_step(credits, aux_loss, after=None):
     """An estimator rule's step: the block-local update from its credits, and its estimator's
-    loss gradient, both taken before the one optimizer step."""
+    loss gradient, both taken before the one optimizer step (then ``after(state)``)."""
     def step(model, state, opt, x, y):
         opt.zero_grad(set_to_none=True)
         p = _forward(model, x, y)
@@ -323,13 +347,15 @@ def _estimator_step(credits, aux_loss):
         aux_loss(model, state, p).backward()   # reaches the estimator's parameters only
         state["step"] += 1
         opt.step()
+        if after is not None:
+            after(state)
     return step
 
 
 STEPS = {"bp": bp_step, "frozen": frozen_step, "dfa": dfa_step,
          "fa_layerwise": fa_layerwise_step, "fa_blockwise": fa_blockwise_step, "ep": ep_step,
          "sb": _estimator_step(_sb_credits, _sb_loss),
-         "cb": _estimator_step(_cb_credits, _cb_loss),
+         "cb": _estimator_step(_cb_credits, _cb_loss, _cb_after),
          "vec": _estimator_step(_vec_credits, _vec_loss),
          "blend": _estimator_step(_blend_credits, _vec_loss)}
 
@@ -363,6 +389,8 @@ def make_state(name: str, model, num_classes: int, generator=None, **options):
         state["net"] = ConcatNet(d, num_classes, depth, state["width"], out)
     if "net" in state:
         state["net"].to(like)
+    if name == "cb":  # the bridge's target network starts as a copy of the value net
+        state["target"] = copy.deepcopy(state["net"]).requires_grad_(False)
     if name == "blend":
         state["feedback"] = make_state("dfa", model, num_classes, generator)
     return state

@@ -66,7 +66,143 @@ LADDER_CB = dict(study="synthetic_ladder", arm="cb", point={"alpha": "1.0", "dep
 PILOT_VEC = dict(study="vector_field_pilot", arm="vec_m4", point={"depth": "4"})
 LQ = dict(study="toy_lq", point={})
 
-SEARCH: list[Detail] = []   # filled in below (see the end of this block)
+LADDER_BUDGET = ["trainer.max_epochs=40"]   # the study's 80 halved (its warm-up with it)
+LQ_BUDGET = ["trainer.max_epochs=125"]      # 4000 of the study's 8000 steps
+PREVIOUS_CB = ["method.field_ln=false", "method.layer_code=add", "method.target_ema=null",
+               "method.bridge_temp=null", "method.aux_lr=3e-3", "method.credit_norm=sample",
+               "optim.lr=1e-3"]
+PREVIOUS_VEC = ["method.field_ln=false", "method.layer_code=add", "method.warmup_ratio=0.0",
+                "method.credit_norm=sample", "optim.lr=1e-3"]
+
+SEARCH: list[Detail] = [
+    Detail("cb_value_net", "cb: the value network's input", **LADDER_CB, budget=LADDER_BUDGET,
+           candidates=[("[LN(h), embed(t), e]", []),
+                       ("h as it is", ["method.field_ln=false"]),
+                       ("t as an added N(0,1) vector", ["method.layer_code=add"]),
+                       ("the previous default (SPEC's literal reading)", PREVIOUS_CB)],
+           notes="The notes' design memo gives the value net's input as `[LN(h_l), "
+                 "time_embed(t_l), s] -> MLP` (the toy run: 3 layers of 256). The literal "
+                 "reading lcredit had (h unnormalised, t as an N(0,1) vector added to the first "
+                 "layer, no target network, per-sample credit, the student at 1e-3) learns no "
+                 "credit at all (the issue's gamma ~0.02)."),
+    Detail("cb_bridge", "cb: the bridge's target", **LADDER_CB, budget=LADDER_BUDGET,
+           candidates=[("target network (0.995) and soft-min (lam 0.1)", []),
+                       ("no target network", ["method.target_ema=null"]),
+                       ("the mean over the noise (no soft-min)", ["method.bridge_temp=null"])],
+           notes="The notes: bridge consistency `V(h_l) ~ soft-min_noise Vbar(h_{l+1} + "
+                 "noise)` with `Vbar` an EMA target network; the toy run records ema_momentum "
+                 "0.995 and lam 0.1 (its file names pair lam with the bridge's noise). At the "
+                 "ladder's noise (sigma 0.05 absolute) the soft-min and the mean differ little."),
+    Detail("cb_credit_norm", "cb: what credit normalisation a / (RMS(a) + 1e-6) takes its RMS "
+           "over", **LADDER_CB, budget=LADDER_BUDGET,
+           candidates=[("the layer's whole batch", []),
+                       ("each sample", ["method.credit_norm=sample"]),
+                       ("no normalisation (the raw credit)", ["method.credit_norm=none"]),
+                       ("the batch, DFA's warm-up credit too", ["method.norm_fallback=true"])],
+           notes="The notes name the normalisation but not its axis. The per-sample RMS gives "
+                 "a sample the network already gets right the same push as a wrong one."),
+    Detail("ladder_optim", "the student's learning rate (cb's run)", **LADDER_CB,
+           budget=LADDER_BUDGET,
+           candidates=[("Adam 1e-4", []),
+                       ("Adam 1e-3", ["optim.lr=1e-3"]),
+                       ("AdamW 1e-3 (wd 0.01), cosine schedule", ["optim=adamw", "optim.lr=1e-3",
+                                                                  "lr_schedule=cosine"]),
+                       ("Adam 1e-4, block updates clipped at norm 1", ["block_grad_clip=1.0"])],
+           notes="Not recorded for the ladder (the later CIFAR runs used AdamW 1e-3, weight decay "
+                 "0.01, a cosine schedule); the notes say the student's block updates were "
+                 "clipped, not at what norm."),
+    Detail("vec_warmup", "vec: a DFA warm-up", **PILOT_VEC, budget=LADDER_BUDGET,
+           candidates=[("20 % of the epochs", []), ("none", ["method.warmup_ratio=0.0"])],
+           notes="The notes' online vec used wr=0.2; their vec trained from epoch 0 stayed near "
+                 "chance."),
+    Detail("vec_field", "vec: the field's input", **PILOT_VEC, budget=LADDER_BUDGET,
+           candidates=[("[LN(h), embed(t), e]", []),
+                       ("h as it is", ["method.field_ln=false"]),
+                       ("t as an added N(0,1) vector", ["method.layer_code=add"]),
+                       ("the previous default", PREVIOUS_VEC)],
+           notes="The notes: the field takes the value net's input, `[LN(h_l), time_embed(t_l), "
+                 "s]`, with a linear output layer of the state's size."),
+    Detail("vec_credit_norm", "vec: credit normalisation's axis", **PILOT_VEC,
+           budget=LADDER_BUDGET,
+           candidates=[("the layer's whole batch", []),
+                       ("each sample", ["method.credit_norm=sample"]),
+                       ("no normalisation", ["method.credit_norm=none"])],
+           notes="As for cb."),
+    Detail("vec_loss", "vec: how the squared errors are reduced", **PILOT_VEC,
+           budget=LADDER_BUDGET,
+           candidates=[("sums per sample (M directions, d entries of the terminal term)", []),
+                       ("means over every entry (F.mse_loss)", ["method.loss_scale=mean"])],
+           notes="Not recorded. With sums, the terminal term weighs d / M = 32 times more than "
+                 "with means; the notes' control without it is *better* (0.95)."),
+    Detail("vec_eps", "vec: the finite-difference step", **PILOT_VEC, budget=LADDER_BUDGET,
+           candidates=[("1e-3, absolute", []), ("1e-2, absolute", ["method.eps=1e-2"]),
+                       ("1e-3 of ||h||", ["method.eps_scale=relative"])],
+           notes="Not recorded (the metric's own step is 1e-3 on unit directions)."),
+    Detail("sb_credit_norm", "sb: credit normalisation's axis", study="synthetic_ladder",
+           arm="sb", point={"alpha": "1.0", "depth": "4"}, budget=LADDER_BUDGET,
+           candidates=[("each sample", []), ("the layer's whole batch", ["method.credit_norm=batch"]),
+                       ("no normalisation", ["method.credit_norm=none"])],
+           notes="sb keeps the per-sample RMS: the reading closest to the published sb."),
+    Detail("student_input", "the student's input layer (DFA's run)", study="synthetic_ladder",
+           arm="dfa", point={"alpha": "1.0", "depth": "4"}, budget=LADDER_BUDGET,
+           candidates=[("a trained Linear(128, 128)", []), ("none: h_0 = x", ["model.input_layer=identity"])],
+           notes="The teacher's input has d = 128 features, so the student may take x as h_0.",
+           metrics=("gamma_all", "null_gamma_all", "rho_all", "test_acc", "growth")),
+    Detail("lq_system", "toy LQ: a fixed system or a trained learner (sb)", **LQ, arm="sb",
+           budget=LQ_BUDGET,
+           candidates=[("fixed (only the estimator trains)", []),
+                       ("trained by the rule", ["fixed_network=false"])],
+           notes="The notes call it a sanity check; its recorded config has no learning rate but "
+                 "the estimators' (lr_fb), and DFA's costate cosine stays at chance (0.005) from "
+                 "its first step to its last.",
+           metrics=("costate_all", "rho_all", "nudge_all", "test_loss")),
+    Detail("lq_cb", "toy LQ: cb's bridge", **LQ, arm="cb", budget=LQ_BUDGET,
+           candidates=[("target network, K 8, noise 0.1, lam 0.1", []),
+                       ("no target network", ["method.target_ema=null"])],
+           notes="The toy run records K 8, sigma_bridge 0.1, lam 0.1, ema_momentum 0.995.",
+           metrics=("costate_all", "rho_all", "nudge_all", "test_loss")),
+]
+
+
+INTRO = """\
+lcredit's `method=<rule>` is meant to be the original study's rule: the reconstruction that, at
+the original's settings, gives the original's numbers (docs/rules.md, Fidelity). The original's
+code is not available; its notes (the study's NOTE.md, its report memos and the config recorded
+in its toy-LQ results file) state some details and leave others open. Section 1 lists, for each
+open detail, the readings tried and what each gives; section 2 runs the studies at their original
+settings with the chosen readings and sets every published number beside lcredit's; section 3
+says which are not reached.
+
+What the notes state is kept as stated: K = 4 and sigma = 0.05 for cb's bridge on the ladder,
+tgw = 1, M = 4, the pre-LN student without terminal LayerNorm, sb's normalised MSE, cb's 20 % DFA
+warm-up; the estimators' input `[LN(h_l), time_embed(t_l), s]`, cb's EMA target network and
+soft-min bridge; the toy LQ's dimensions (state 64, 12 layers, output 10, batch 256, 8000 steps)
+and its bridge (K 8, noise 0.1, lam 0.1, EMA 0.995, estimator learning rate 1e-3)."""
+
+SEARCH_INTRO = """\
+Each reading is one run (seed 42) of the study's job with every other detail at its chosen
+reading, at a shorter budget than the study's. gamma_all and rho_all are the means over every
+hidden state h_0..h_L (the original's aggregation); growth is diagnostic (a); a run that
+diverged has no numbers. **bold**: the reading lcredit's defaults take."""
+
+CONFIRM_INTRO = """\
+Every job of the study's arms at the published points, every seed, at `scale=paper` (the
+study's own epochs); lcredit's mean ± std (ddof = 1) over the seeds. ✓: within 0.10 of the
+published value (the costate cosine: 0.03). `python -m lcredit.report <runs>/<study>/paper`
+prints the same runs as the study's tables, the published value beside each cell."""
+
+# Why a cell that is not reached is not: what the search showed (section 1 has the numbers).
+WHY = {
+    ("synthetic_ladder", "dfa", "gamma_all"): (
+        "lcredit's DFA aligns with its own feedback under every recipe tried (the first deep "
+        "layer most); the published value is at the level of DFA's chance alignment "
+        "(null_gamma, fresh feedback), which the notes later report having measured by "
+        "mistake in some runs (\"per the Bs-specificity finding\") — a possible reason, "
+        "not established."),
+    ("synthetic_ladder", "dfa", "rho_all"): "as for gamma_all.",
+    ("vector_field_pilot", "dfa", "gamma_all"): "as for the ladder's DFA.",
+    ("vector_field_pilot", "dfa", "rho_all"): "as for the ladder's DFA.",
+}
 
 
 # ---- the runs --------------------------------------------------------------------------------
@@ -89,28 +225,49 @@ def slug(text: str) -> str:
 
 
 def search_runs(root: Path) -> list[Run]:
+    return [Run("search", label, d.study, d.arm, d.point, SEED, [*d.budget, *ov],
+                root / "search" / d.key / slug(label), {"detail": d.key})
+            for d in SEARCH for label, ov in d.candidates]
+
+
+# The confirmation: per study, the jobs (arm, point) its reference names, at every seed of the
+# study, laid out as lcredit.study lays them out under <runs>/<study>/paper.
+def confirm_runs(root: Path, only=None) -> list[Run]:
+    from lcredit.study import compose_job, study_node
+
     runs = []
-    for d in SEARCH:
-        for label, ov in d.candidates:
-            runs.append(Run("search", label, d.study, d.arm if "arm" not in dict(ov_pairs(ov)) else
-                            dict(ov_pairs(ov))["arm"], d.point, SEED,
-                            [o for o in [*d.budget, *ov] if not o.startswith("arm=")],
-                            root / "search" / d.key / slug(label), {"detail": d.key}))
+    for name in CONFIRM:
+        if only and name not in only:
+            continue
+        node = study_node(compose_job(name, ["scale=paper"]))
+        for entry in node["reference"]["values"]:
+            point = {a: str(v) for a, v in (entry.get("point") or {}).items()}
+            if not _in_scope(name, point):
+                continue
+            for seed in node["seeds"]:
+                job = ",".join([entry["arm"]] + [f"{a}={v}" for a, v in point.items()])
+                runs.append(Run(name, entry["arm"], name, entry["arm"], point, int(seed), [],
+                                root / name / "paper" / job / f"seed={seed}"))
     return runs
 
 
-def ov_pairs(ov):
-    return [tuple(o.split("=", 1)) for o in ov if "=" in o]
+def _in_scope(study: str, point: dict) -> bool:
+    """The cells the confirmation runs: every reference cell, except the ladder's other depths
+    (L = 2, 8), which take --grid (their published values are in the reference too)."""
+    return not (study == "synthetic_ladder" and point.get("depth") != "4" and not GRID[0])
 
 
-def confirm_runs(root: Path, studies: dict) -> list[Run]:
-    """The jobs of each study's arms at the points its reference names, every seed."""
-    runs = []
-    for name, spec in studies.items():
-        for arm, point in spec["jobs"]:
-            for seed in spec["seeds"]:
-                runs.append(Run(name, arm, name, arm, point, seed, [], None))
-    return runs
+CONFIRM = ("synthetic_ladder", "vector_field_pilot", "toy_lq")
+# The cells the issue holds the defaults to first (cb, vec, the toy LQ), then the rest.
+FIRST = [("synthetic_ladder", "cb"), ("vector_field_pilot", "vec_m4"), ("toy_lq", "sb"),
+         ("toy_lq", "cb"), ("toy_lq", "dfa")]
+
+
+def priority(run: Run) -> tuple:
+    key = (run.study, run.arm)
+    return (0 if run.kind == "search" else 1, FIRST.index(key) if key in FIRST else len(FIRST),
+            run.seed) if run.kind != "search" else (2, 0, 0)
+GRID = [False]
 
 
 def run_one(run: Run, device: str, threads: int) -> dict:
@@ -118,16 +275,24 @@ def run_one(run: Run, device: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from lcredit.results import read_json
-    from lcredit.study import arm_job
-    from lcredit.train import CONF_DIR, train
 
     prior = read_json(run.directory / "results.json")
     if prior is not None and prior.get("status") in ("completed", "aborted"):
         return {"dir": str(run.directory), "status": prior["status"], "skipped": True}
+    try:
+        return _run_one(run, device, threads)
+    except Exception as err:  # noqa: BLE001 — said in the log; the other runs go on
+        return {"dir": str(run.directory), "status": "failed", "error": repr(err)[:300]}
+
+
+def _run_one(run: Run, device: str, threads: int) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lcredit.study import _quote, arm_job
+    from lcredit.train import CONF_DIR, train
+
     user = [f"{a}={v}" for a, v in run.point.items()] + list(run.overrides) + [f"seed={run.seed}"]
     if device == "cuda":
         user.append("trainer=gpu")
@@ -136,14 +301,11 @@ def run_one(run: Run, device: str, threads: int) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[
             f"experiment={run.study}", "scale=paper", *ov, *job.marker_overrides(), *user,
-            f"paths.output_dir={run.directory}", "logger=none", "protocol.print_report=false",
-            "trainer.enable_progress_bar=false", f"threads={threads}",
-            f"paths.cache_dir={run.directory.parent.parent / 'cache'}"])
+            f"paths.output_dir={_quote(run.directory)}", "logger=none",
+            "protocol.print_report=false", "trainer.enable_progress_bar=false",
+            f"threads={threads}", f"paths.cache_dir={_quote(run.directory.parent.parent / 'cache')}"])
     start = time.perf_counter()
-    try:
-        r = train(cfg)
-    except Exception as err:  # noqa: BLE001 — the document says a run failed; others go on
-        return {"dir": str(run.directory), "status": "failed", "error": repr(err)[:300]}
+    r = train(cfg)
     return {"dir": str(run.directory), "status": r["status"], "seconds": time.perf_counter() - start}
 
 
@@ -160,7 +322,9 @@ def execute(runs: list[Run], jobs: int, device: str) -> None:
     if not todo:
         return
     threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    with ProcessPoolExecutor(max_workers=max(jobs, 1)) as pool:
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, run, device, threads): run for run in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             run = futures[fut]
@@ -170,3 +334,211 @@ def execute(runs: list[Run], jobs: int, device: str) -> None:
                 out = {"status": "failed", "error": repr(err)[:300]}
             print(f"reproduce: [{i}/{len(todo)}] {run.kind} {run.label} seed {run.seed}: "
                   f"{out.get('status')} {out.get('error', '')}", flush=True)
+
+
+# ---- the document ----------------------------------------------------------------------------
+
+def value(rec: dict | None, key: str):
+    """A number of one run's results.json (None where it has none): its final measurement's
+    aggregates, test accuracy, growth (diagnostic (a)), or a per-layer mean."""
+    from lcredit.report import metric
+
+    if rec is None or rec.get("status") not in ("completed", "aborted"):
+        return None
+    if key == "null_gamma_all":
+        rows = (rec.get("protocol") or {}).get("layers") or []
+        vals = [r.get("null_gamma") for r in rows if r.get("null_gamma") is not None]
+        return sum(vals) / len(vals) if vals else None
+    v = metric(rec, key)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def f3(v, digits=3) -> str:
+    if v is None:
+        return "—"
+    if abs(v) >= 1e4:
+        return f"{v:.1e}"
+    return f"{v:.{digits}f}"
+
+
+def mean_sd(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def search_section(root: Path) -> tuple[list[str], dict]:
+    from lcredit.results import read_json
+
+    lines, data = [], {}
+    for d in SEARCH:
+        head = ["reading", *d.metrics, "status"]
+        lines += [f"### {d.title}", "", d.notes, "",
+                  f"Run: `experiment={d.study} arm={d.arm}` "
+                  + " ".join(f"{a}={v}" for a, v in d.point.items())
+                  + f" seed={SEED} " + " ".join(d.budget) + " (lcredit's defaults otherwise).", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = []
+        for i, (label, ov) in enumerate(d.candidates):
+            rec = read_json(root / "search" / d.key / slug(label) / "results.json")
+            vals = {m: value(rec, m) for m in d.metrics}
+            status = (rec or {}).get("status", "not run")
+            if rec and rec.get("divergence"):
+                status = f"diverged (epoch {rec['divergence'].get('epoch')})"
+            name = f"**{label}** (default)" if i == 0 else label
+            shown = f"{name}: `{' '.join(ov)}`" if ov else name
+            lines.append("| " + " | ".join([shown, *(f3(vals[m]) for m in d.metrics), status]) + " |")
+            rows.append({"label": label, "overrides": ov, "default": i == 0, "status": status,
+                         **vals})
+        data[d.key] = {"title": d.title, "study": d.study, "arm": d.arm, "point": d.point,
+                       "budget": d.budget, "readings": rows}
+        lines.append("")
+    return lines, data
+
+
+def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
+    from lcredit.results import read_json
+    from lcredit.study import compose_job, study_node
+
+    lines, data, verdict = [], {}, {}
+    for name in CONFIRM:
+        node = study_node(compose_job(name, ["scale=paper"]))
+        ref = node["reference"]
+        lines += [f"### `experiment={name}` (scale=paper, seeds {', '.join(map(str, node['seeds']))})",
+                  "", f"Published: {ref['source']}.", "",
+                  "| arm | point | metric | published | lcredit (mean ± std) | n | Δ | ✓ |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = []
+        for entry in ref["values"]:
+            point = {a: str(v) for a, v in (entry.get("point") or {}).items()}
+            job = ",".join([entry["arm"]] + [f"{a}={v}" for a, v in point.items()])
+            recs = [read_json(root / name / "paper" / job / f"seed={s}" / "results.json")
+                    for s in node["seeds"]]
+            where = ", ".join(f"{a}={v}" for a, v in point.items()) or "—"
+            for key, pub in entry.items():
+                if key in ("arm", "point"):
+                    continue
+                m, sd, n = mean_sd([value(r, key) for r in recs])
+                tol = TOLERANCE.get(key, DEFAULT_TOLERANCE)
+                ok = None if m is None or not _in_scope(name, point) else abs(m - float(pub)) <= tol
+                delta = None if m is None else m - float(pub)
+                cell = "—" if m is None else (f3(m) if sd is None else f"{f3(m)} ± {f3(sd)}")
+                mark = {True: "✓", False: "✗", None: "not run" if _in_scope(name, point)
+                        else "not run (--grid)"}[ok]
+                lines.append(f"| {entry['arm']} | {where} | {key} | {f3(float(pub))} | {cell} | "
+                             f"{n} | {f3(delta)} | {mark} |")
+                rows.append({"arm": entry["arm"], "point": point, "metric": key,
+                             "published": float(pub), "mean": m, "std": sd, "n": n,
+                             "delta": delta, "within": ok, "tolerance": tol})
+                verdict.setdefault(name, []).append(ok)
+        data[name] = rows
+        lines.append("")
+    return lines, data, verdict
+
+
+def render(root: Path, out: Path, readme: str | None) -> str:
+    search_lines, search_data = search_section(root)
+    confirm_lines, confirm_data, verdict = confirm_section(root)
+    from lcredit.train import versions
+
+    lines = [
+        "# Reproducing the original study's offline results",
+        "",
+        "Written by `scripts/reproduce.py` (`make reproduce`) from the results.json files of the "
+        f"runs under `{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`; "
+        f"nothing here is typed by hand. {time.strftime('%Y-%m-%d')}, "
+        f"lcredit {versions().get('git_commit', '?')}, torch {versions().get('torch', '?')}.",
+        "",
+        INTRO,
+        "",
+        "## 1. The readings tried for each detail the notes leave open",
+        "",
+        SEARCH_INTRO,
+        "",
+        *search_lines,
+        "## 2. The studies at their original settings, against the published numbers",
+        "",
+        CONFIRM_INTRO,
+        "",
+        *confirm_lines,
+        "## 3. What is not reached, and why",
+        "",
+        *unreached(confirm_data),
+        "",
+    ]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"search": search_data, "confirm": confirm_data,
+         "versions": versions(), "written": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    if readme:
+        write_readme(Path(readme), confirm_data)
+    return text
+
+
+def unreached(confirm_data: dict) -> list[str]:
+    lines = []
+    for study, rows in confirm_data.items():
+        for r in rows:
+            if r["within"] is False:
+                why = WHY.get((study, r["arm"], r["metric"]), "not established")
+                lines.append(f"- `{study}` {r['arm']} {r['metric']}: published "
+                             f"{f3(r['published'])}, lcredit {f3(r['mean'])} (Δ {f3(r['delta'])}). "
+                             f"{why}")
+            elif r["within"] is None and _in_scope(study, r["point"]):
+                lines.append(f"- `{study}` {r['arm']} {r['metric']}: not run yet "
+                             f"(`make reproduce` runs it).")
+    return lines or ["Every cell of the tables above is within its tolerance."]
+
+
+def write_readme(path: Path, confirm_data: dict) -> None:
+    """The README's reproduction summary, between its markers."""
+    start, end = "<!-- reproduce:start", "<!-- reproduce:end -->"
+    text = path.read_text()
+    if start not in text:
+        return
+    rows = ["| study | cells within tolerance | not within | not run |", "|---|---|---|---|"]
+    for study, cells in confirm_data.items():
+        cells = [c for c in cells if _in_scope(study, c["point"])]
+        ok = sum(c["within"] is True for c in cells)
+        bad = sum(c["within"] is False for c in cells)
+        missing = sum(c["within"] is None for c in cells)
+        rows.append(f"| `experiment={study}` | {ok} | {bad} | {missing} |")
+    block = "\n".join([f"{start} (written by scripts/reproduce.py --readme README.md; do not edit) -->",
+                       *rows, "", "Every cell, with the published value, lcredit's mean ± std and "
+                       "the readings tried: [docs/reproduction.md](docs/reproduction.md).", end])
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(head + block + tail)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("all", "search", "confirm"), default="all")
+    ap.add_argument("--studies", help="comma-separated studies to confirm (default: all three)")
+    ap.add_argument("--grid", action="store_true",
+                    help="also the ladder's other depths (L = 2, 8) of the published table")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (worker processes)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--runs", default=str(REPO / "outputs" / "reproduce"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "reproduction"))
+    ap.add_argument("--readme", help="also write the README's summary, between its markers")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    GRID[0] = args.grid
+    root = Path(args.runs)
+    if not args.render_only:
+        runs = []
+        if args.part in ("all", "search"):
+            runs += search_runs(root)
+        if args.part in ("all", "confirm"):
+            runs += confirm_runs(root, args.studies.split(",") if args.studies else None)
+        execute(sorted(runs, key=priority), args.jobs, args.device)
+    print(render(root, Path(args.out), args.readme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

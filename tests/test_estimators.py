@@ -39,9 +39,7 @@ def fit_estimator(rule, steps, seed=2):
     opt = rule.make_optimizer()
     for i in range(steps):
         x, y = batch(64, seed=seed + i)
-        opt.zero_grad(set_to_none=True)
-        rule.compute_gradients(x, y)
-        opt.step()
+        rule.update(x, y, opt)  # the training step (cb's target network follows after it)
     return rule
 
 

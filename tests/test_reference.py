@@ -73,6 +73,8 @@ def state_of(rule, name, model):
         net = getattr(rule, ESTIMATOR[name])
         assert {id(q) for q in rule.estimator_parameters()} == {id(q) for q in net.parameters()}
         state["net"].load_state_dict(net.state_dict())
+    if name == "cb":
+        state["target"].load_state_dict(rule.value_target.state_dict())
     if name == "blend":
         state["feedback"] = feedback_of(rule, "dfa")
     return state

@@ -51,14 +51,18 @@ class PerLayerVector(nn.Module):
 
 class Blend(VEC):
     name = "blend"
-    ORIGINAL = VEC.ORIGINAL | {"mix": "plain", "zero_target_renorm": False}
+    ORIGINAL = VEC.ORIGINAL | {"mix": "plain", "zero_target_renorm": False,
+                               "credit_norm": "sample"}
+    # A blend is DFA mixed with its aux source from the start (or from the branch it starts
+    # from): no warm-up unless asked for.
+    default_warmup = 0.0
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
                  hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
                  terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat", field_ln=False, layer_code="add", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
+                 field="concat", field_ln=True, layer_code="embed", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
                  freeze_after=None, decay_to=None, decay_epochs=0, mix="plain",
                  zero_target_renorm=False):
         check_choice("method.source", source, SOURCES)

@@ -7,7 +7,7 @@ import torch
 from lcredit.errors import ConfigError, check_choice, check_range
 from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import (FIELDS, LAYER_CODES, SCALES, CreditNet, Estimator, credit_rms,
+from lcredit.rules.estimator import (FIELDS, LAYER_CODES, LOSS_SCALES, SCALES, CreditNet, Estimator, credit_rms,
                                      per_sample_sq, relative_sq, unit_directions)
 
 
@@ -21,17 +21,18 @@ class CB(Estimator):
 
     name = "cb"
     default_warmup = 0.2
-    ORIGINAL = Estimator.ORIGINAL | {"bridge_noise": "target", "bridge_slope": 0.0,
+    ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "bridge_noise": "target", "bridge_slope": 0.0,
                                      "sigma_scale": "absolute", "terminal_scale": "absolute",
-                                     "field": "concat"}
+                                     "field": "concat", "field_ln": True, "layer_code": "embed",
+                                     "target_ema": 0.995, "bridge_temp": 0.1}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
+                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="batch",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
                  hL_dim=32, norm_fallback=False, tgw=1.0, K=4, sigma=0.05, sigma_scale="absolute",
                  bridge_noise="target", bridge_slope=0.0, terminal_scale="absolute",
-                 field="concat", field_ln=False, layer_code="add", target_ema=None,
-                 bridge_temp=None):
+                 field="concat", field_ln=True, layer_code="embed", target_ema=0.995,
+                 bridge_temp=0.1):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
@@ -41,7 +42,7 @@ class CB(Estimator):
         check_choice("method.sigma_scale", sigma_scale, SCALES)
         check_choice("method.bridge_noise", bridge_noise, ("input", "target"))
         check_range("method.bridge_slope", bridge_slope, 0.0)
-        check_choice("method.terminal_scale", terminal_scale, SCALES)
+        check_choice("method.terminal_scale", terminal_scale, LOSS_SCALES)
         check_choice("method.field", field, FIELDS)
         check_choice("method.field_ln", field_ln, (True, False))
         check_choice("method.layer_code", layer_code, LAYER_CODES)
@@ -68,7 +69,7 @@ class CB(Estimator):
             self.value_target = copy.deepcopy(self.value).requires_grad_(False)
 
     def option_applies(self, option: str) -> bool:
-        if option == "layer_code":
+        if option in ("layer_code", "field_ln"):  # the gated form always layer-normalises
             return self.field_form == "concat"
         return super().option_applies(option)
 
@@ -118,8 +119,12 @@ class CB(Estimator):
         g_top = at_least_fp32(p.g_top)
         # Output-local: g_L is the exact gradient at h_L, no hidden backprop. ``relative``: over
         # ||g_L||^2, so it still counts when g_L shrinks by orders of magnitude.
-        grad_err = (relative_sq(dv_top - g_top, g_top) if self.terminal_scale == "relative"
-                    else per_sample_sq(dv_top - g_top).mean())
+        if self.terminal_scale == "relative":
+            grad_err = relative_sq(dv_top - g_top, g_top)
+        elif self.terminal_scale == "mean":  # F.mse_loss's mean over every entry
+            grad_err = (dv_top - g_top).pow(2).mean()
+        else:
+            grad_err = per_sample_sq(dv_top - g_top).mean()
         out = {"terminal_value": (v_top - target_value).pow(2).mean(), "terminal_grad": grad_err}
         gen = self.generator(p.states[0].device)
         bridge = 0.0

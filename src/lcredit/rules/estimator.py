@@ -52,6 +52,9 @@ def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
 FIELDS = ("concat", "gated")
 # A size (noise, step, loss) taken as it is, or relative to the size of what it applies to.
 SCALES = ("absolute", "relative")
+# A squared-error loss summed over its entries per sample (``absolute``), relative to its
+# target's size (``relative``), or the mean over all its entries (``mean``: F.mse_loss's).
+LOSS_SCALES = ("absolute", "relative", "mean")
 # How the layer index t enters the concat field (see CreditNet).
 LAYER_CODES = ("add", "embed", "scalar", "onehot")
 EMBED_DIM = 16  # layer_code=embed: the learned embedding's size
