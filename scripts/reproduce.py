@@ -233,7 +233,7 @@ def search_runs(root: Path) -> list[Run]:
 # The confirmation: per study, the jobs (arm, point) its reference names, at every seed of the
 # study, laid out as lcredit.study lays them out under <runs>/<study>/paper.
 def confirm_runs(root: Path, only=None) -> list[Run]:
-    from lcredit.study import compose_job, study_node
+    from lcredit.jobs import compose_job, study_node
 
     runs = []
     for name in CONFIRM:
@@ -290,7 +290,7 @@ def _run_one(run: Run, device: str, threads: int) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lcredit.study import _quote, arm_job
+    from lcredit.jobs import _quote, arm_job
     from lcredit.train import CONF_DIR, train
 
     user = [f"{a}={v}" for a, v in run.point.items()] + list(run.overrides) + [f"seed={run.seed}"]
@@ -399,7 +399,7 @@ def search_section(root: Path) -> tuple[list[str], dict]:
 
 def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
     from lcredit.results import read_json
-    from lcredit.study import compose_job, study_node
+    from lcredit.jobs import compose_job, study_node
 
     lines, data, verdict = [], {}, {}
     for name in CONFIRM:

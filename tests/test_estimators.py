@@ -188,7 +188,8 @@ def test_blend_at_alpha_0_is_dfa_and_at_1_the_aux_source(source):
         aux = [one.dfa_credit(l, p) * (a.norm(dim=1) / one.dfa_credit(l, p).norm(dim=1))[:, None]
                for l, a in enumerate(aux)]
     if source == "vec":  # the aux source is the vec rule: the same field gives the same credit
-        vec = VEC(copy.deepcopy(one.model), SHAPE, C, width=32).double()
+        vec = VEC(copy.deepcopy(one.model), SHAPE, C, width=32,  # with the blend's normalisation
+                  credit_norm=one.credit_norm).double()
         vec.load_state_dict(one.state_dict())
         aux = vec.credit(x, y)
     credit = one.credit(x, y)

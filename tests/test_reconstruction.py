@@ -239,7 +239,7 @@ def test_one_arm_of_a_study_runs_as_one_job_of_that_study(tmp_path):
                             "arm": "vec_m8", "point": {"depth": "4"}, "job": "vec_m8,depth=4"}
     assert rec["config"]["method"]["M"] == 8 and rec["config"]["model"]["d"] == 32  # smoke's d
     # the study's own runner sees it as done
-    from lcredit.study import DONE
+    from lcredit.jobs import DONE
     assert rec["status"] in DONE
 
 

@@ -684,7 +684,7 @@ def _record_failure(cfg: DictConfig, err: Exception) -> None:
 if __name__ == "__main__":
     quote_path_overrides()
     try:  # experiment=<study> arm=<arm>: one job of the study, as its sweep would run it
-        from lcredit.study import single_job_argv
+        from lcredit.jobs import single_job_argv
 
         sys.argv = single_job_argv(sys.argv)
     except ConfigError as err:

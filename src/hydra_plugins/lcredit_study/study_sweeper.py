@@ -46,7 +46,7 @@ class StudySweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from lcredit.errors import ConfigError
-        from lcredit.study import MAIN, expand, stages, study_node, sweep_overrides
+        from lcredit.jobs import MAIN, expand, stages, study_node, sweep_overrides
 
         assert self.config is not None and self.launcher is not None
         try:
