@@ -64,14 +64,18 @@ def estimator_quality(rule, task, n=512):
 
 @pytest.mark.parametrize("form", ["default", "literal"])
 def test_cb_value_net_learns_credit_during_its_warm_up(tmp_path, form):
-    rule, task = trained(tmp_path, 6, *LADDER, "method=cb", "method.warmup_ratio=1.0",
-                         *(LITERAL["cb"] if form == "literal" else []))
+    # the whole 20k training set: the target network needs ~1000 steps to carry the top's
+    # credit down. The control is the previous default whole: the literal value net, and the
+    # student at 1e-3
+    rule, task = trained(tmp_path, 6, *LADDER, "data.n_train=20000", "method=cb",
+                         "method.warmup_ratio=1.0",
+                         *(LITERAL["cb"] + ["optim.lr=1e-3"] if form == "literal" else []))
     assert rule.phase() == "warmup"
     gamma, rho = estimator_quality(rule, task)
     if form == "default":
         assert gamma > 0.25 and rho > 0.25, (gamma, rho)
     else:  # the control: the reading lcredit had learns (next to) nothing
-        assert gamma < 0.15, gamma
+        assert gamma < 0.1, gamma
 
 
 @pytest.mark.parametrize("form", ["default", "literal"])
