@@ -8,26 +8,16 @@ import pytest
 import torch
 
 from conftest import TINY_LADDER, TINY_MEASURE, forked_cli
-from lcredit.models import ResMLP, Student
+from lcredit.models import Student
 from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules import CB, DFA, VEC
 from lcredit.rules.estimator import EMBED_DIM, CreditNet
 from lcredit.train import build_rule, fit_task, train
 from lcredit.data import build_task
 
+from test_estimators import C, SHAPE, batch, make_model
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SHAPE, C = (12,), 5
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return ResMLP(SHAPE, C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
-
-
-def batch(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SHAPE, generator=g, dtype=torch.float64), torch.randint(C, (n,), generator=g)
 
 
 # ---------------------------------------------------------------- the estimator network

@@ -12,16 +12,19 @@ from lcredit.rules.estimator import (FIELDS, LAYER_CODES, LOSS_SCALES, SCALES, C
 
 
 class CB(Estimator):
-    """Defaults are SPEC's literal bridge (the original study's form): targets at h_{l+1}
-    plus noise of absolute std sigma, no slope term, unscaled terminal terms, a plain
-    concatenation MLP for V. lcredit's switches, each measured in the README's ladder table:
+    """Defaults are the original study's bridge as reconstructed (docs/reproduction.md): V a
+    plain MLP on [LN(h), embed(t), s]; bridge targets at h_{l+1} plus noise of absolute std
+    sigma, taken from a target network following V (momentum 0.995) through a soft-min
+    (lam 0.1); no slope term; unscaled terminal terms; the credit over its batch RMS.
+    lcredit's switches, each measured in the README's ladder table:
     ``bridge_noise: input`` (perturb h_l and map it through block l), ``bridge_slope`` > 0
     (the bridge in differences), ``sigma_scale: relative``, ``terminal_scale: relative``,
-    ``field: gated``, ``credit_norm: batch``; ``method=cb_relative`` sets them all."""
+    ``field: gated``; ``method=cb_relative`` sets them all."""
 
     name = "cb"
     default_warmup = 0.2
-    ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "bridge_noise": "target", "bridge_slope": 0.0,
+    ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "bridge_noise": "target",
+                                     "bridge_slope": 0.0,
                                      "sigma_scale": "absolute", "terminal_scale": "absolute",
                                      "field": "concat", "field_ln": True, "layer_code": "embed",
                                      "target_ema": 0.995, "bridge_temp": 0.1}

@@ -30,14 +30,16 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
 
 
 class VEC(Estimator):
-    """Defaults are SPEC's form (the original study's): an absolute finite-difference step,
-    the unscaled loss sum_u (<A, u> - delta_u)^2 (+ the unscaled terminal term), a plain
-    concatenation MLP for A. lcredit's switches, each measured in the README's ladder table:
-    ``eps_scale: relative``, ``loss_scale: relative``, ``field: gated``, ``credit_norm: batch``;
-    ``method=vec_gated`` sets them all."""
+    """Defaults are the original study's form as reconstructed (docs/reproduction.md): an
+    absolute finite-difference step, the unscaled loss sum_u (<A, u> - delta_u)^2 (+ the
+    unscaled terminal term), A a plain MLP on [LN(h), embed(t), s], a 20 % DFA warm-up, the
+    credit over its batch RMS. lcredit's switches, each measured in the README's ladder table:
+    ``eps_scale: relative``, ``loss_scale: relative``, ``field: gated``; ``method=vec_gated``
+    sets them all."""
 
     name = "vec"
-    ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "eps_scale": "absolute", "loss_scale": "absolute",
+    ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "eps_scale": "absolute",
+                                     "loss_scale": "absolute",
                                      "field": "concat", "field_ln": True, "layer_code": "embed"}
     # The original's online vec followed DFA for the first 20 % of the epochs (trained from
     # epoch 0 it stayed near chance; here it diverges): docs/reproduction.md.
