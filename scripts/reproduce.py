@@ -260,7 +260,8 @@ def _in_scope(study: str, point: dict) -> bool:
 CONFIRM = ("synthetic_ladder", "vector_field_pilot", "toy_lq")
 # The cells the issue holds the defaults to first (cb, vec, the toy LQ), then the rest.
 FIRST = [("synthetic_ladder", "cb"), ("vector_field_pilot", "vec_m4"), ("toy_lq", "sb"),
-         ("toy_lq", "cb"), ("toy_lq", "dfa")]
+         ("toy_lq", "cb"), ("toy_lq", "dfa"), ("synthetic_ladder", "sb"),
+         ("synthetic_ladder", "dfa")]
 
 
 def priority(run: Run) -> tuple:
@@ -309,7 +310,7 @@ def _run_one(run: Run, device: str, threads: int) -> dict:
     return {"dir": str(run.directory), "status": r["status"], "seconds": time.perf_counter() - start}
 
 
-def execute(runs: list[Run], jobs: int, device: str) -> None:
+def execute(runs: list[Run], jobs: int, device: str, threads: int | None = None) -> None:
     todo = []
     from lcredit.results import read_json
 
@@ -321,7 +322,8 @@ def execute(runs: list[Run], jobs: int, device: str) -> None:
           flush=True)
     if not todo:
         return
-    threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    if threads is None:
+        threads = 1 if device == "cuda" else max(1, (os.cpu_count() or 1) // max(jobs, 1))
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=mp.get_context("spawn")) as pool:
@@ -522,6 +524,7 @@ def main() -> int:
                     help="also the ladder's other depths (L = 2, 8) of the published table")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (worker processes)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     ap.add_argument("--runs", default=str(REPO / "outputs" / "reproduce"))
     ap.add_argument("--out", default=str(REPO / "docs" / "reproduction"))
     ap.add_argument("--readme", help="also write the README's summary, between its markers")
@@ -535,7 +538,7 @@ def main() -> int:
             runs += search_runs(root)
         if args.part in ("all", "confirm"):
             runs += confirm_runs(root, args.studies.split(",") if args.studies else None)
-        execute(sorted(runs, key=priority), args.jobs, args.device)
+        execute(sorted(runs, key=priority), args.jobs, args.device, args.threads)
     print(render(root, Path(args.out), args.readme))
     return 0
 

@@ -311,9 +311,12 @@ def aggregates(layers: list[dict]) -> dict:
 
     # gamma_hidden first: the layers no rule receives exact credit for (docs/metrics.md).
     # *_all: the mean over every layer 0..L, the aggregation the original study reports
-    # ("layer-mean across all" hidden states), so its numbers can be set beside lcredit's.
+    # ("layer-mean across all" hidden states), so its numbers can be set beside lcredit's;
+    # gamma_flat_all with each layer's cosine over the whole batch flattened, the reading of the
+    # original's Gamma that docs/reproduction.md compares (Gamma ~ rho for every rule it reports).
     agg = {"gamma_hidden": mean(hidden, "gamma"), "gamma_0": layers[0]["gamma"],
-           "gamma_all": mean(layers, "gamma"), "rho_all": mean(layers, "rho"),
+           "gamma_all": mean(layers, "gamma"), "gamma_flat_all": mean(layers, "gamma_flat"),
+           "rho_all": mean(layers, "rho"),
            "nudge_all": mean(layers, "nudge"),
            "gamma_deep": mean(deep, "gamma"), "gamma_deep_median": median(deep, "gamma"),
            "gamma_flat_deep": mean(deep, "gamma_flat"), "rho_0": layers[0]["rho"],
