@@ -55,27 +55,49 @@ class Detail:
     budget: list           # overrides that make the search run shorter than the study's
     candidates: list       # [(label, overrides)]; the first is lcredit's default (chosen)
     notes: str             # what the original's notes say, and why the default is chosen
-    metrics: tuple = ("gamma_all", "rho_all", "test_acc", "growth")
+    metrics: tuple = ("gamma_flat_all", "gamma_all", "rho_all", "test_acc", "growth")
 
 
 # ---- what is searched ------------------------------------------------------------------------
 # Each candidate's overrides go on top of lcredit's defaults, which are the chosen readings of
 # every other detail; the first candidate of each detail is the default itself (no override).
+# A reading searched at the study's own budget (no budget overrides) whose overrides are empty is
+# the study's seed-42 job itself: the search reads the confirmation's run (section 2).
 
 LADDER_CB = dict(study="synthetic_ladder", arm="cb", point={"alpha": "1.0", "depth": "4"})
+LADDER_SB = dict(study="synthetic_ladder", arm="sb", point={"alpha": "1.0", "depth": "4"})
 PILOT_VEC = dict(study="vector_field_pilot", arm="vec_m4", point={"depth": "4"})
 LQ = dict(study="toy_lq", point={})
 
-LADDER_BUDGET = ["trainer.max_epochs=40"]   # the study's 80 halved (its warm-up with it)
-LQ_BUDGET = ["trainer.max_epochs=125"]      # 4000 of the study's 8000 steps
+FULL = []                                   # the study's own budget (80 epochs; 8000 steps)
+CB_BUDGET = ["trainer.max_epochs=40"]       # half the study's 80 (its warm-up with it: 8 epochs)
+VEC_BUDGET = ["trainer.max_epochs=20"]      # a quarter (the field learns within an epoch)
+LQ_METRICS = ("costate_all", "rho_all", "nudge_all", "test_loss")
 PREVIOUS_CB = ["method.field_ln=false", "method.layer_code=add", "method.target_ema=null",
                "method.bridge_temp=null", "method.aux_lr=3e-3", "method.credit_norm=sample",
                "optim.lr=1e-3"]
 PREVIOUS_VEC = ["method.field_ln=false", "method.layer_code=add", "method.warmup_ratio=0.0",
                 "method.credit_norm=sample", "optim.lr=1e-3"]
+OPTIMISERS = [("Adam 5e-5", []), ("Adam 1e-4", ["optim.lr=1e-4"]), ("Adam 3e-5", ["optim.lr=3e-5"])]
+ADAMW = ("AdamW 1e-3 (weight decay 0.01), cosine schedule",
+         ["optim=adamw", "optim.lr=1e-3", "lr_schedule=cosine"])
+OPTIM_NOTES = ("Not recorded for the ladder (the later CIFAR runs used AdamW 1e-3, weight decay "
+               "0.01, a cosine schedule). It is the detail everything else moves with: the "
+               "learned credits carry a small bias that Adam's normalisation turns into full-size "
+               "steps, so the faster the student, the further its residual stream drifts from "
+               "what the estimator learned. Searched at the study's own 80 epochs (at 1e-4 vec "
+               "runs away only after epoch 20). Adam 5e-5 is the one rate under which vec, sb "
+               "and cb all land within the tolerance of the published values.")
 
 SEARCH: list[Detail] = [
-    Detail("cb_value_net", "cb: the value network's input", **LADDER_CB, budget=LADDER_BUDGET,
+    Detail("optim_vec", "the student's learning rate: vec", **PILOT_VEC, budget=FULL,
+           candidates=OPTIMISERS + [ADAMW], notes=OPTIM_NOTES),
+    Detail("optim_cb", "the student's learning rate: cb", **LADDER_CB, budget=FULL,
+           candidates=OPTIMISERS + [ADAMW], notes="As for vec."),
+    Detail("optim_sb", "the student's learning rate: sb", **LADDER_SB, budget=FULL,
+           candidates=OPTIMISERS, notes="As for vec. sb's credit gets better as the student "
+                                        "slows (its residual stream grows less)."),
+    Detail("cb_value_net", "cb: the value network's input", **LADDER_CB, budget=CB_BUDGET,
            candidates=[("[LN(h), embed(t), e]", []),
                        ("h as it is", ["method.field_ln=false"]),
                        ("t as an added N(0,1) vector", ["method.layer_code=add"]),
@@ -85,7 +107,7 @@ SEARCH: list[Detail] = [
                  "reading lcredit had (h unnormalised, t as an N(0,1) vector added to the first "
                  "layer, no target network, per-sample credit, the student at 1e-3) learns no "
                  "credit at all (the issue's gamma ~0.02)."),
-    Detail("cb_bridge", "cb: the bridge's target", **LADDER_CB, budget=LADDER_BUDGET,
+    Detail("cb_bridge", "cb: the bridge's target", **LADDER_CB, budget=CB_BUDGET,
            candidates=[("target network (0.995) and soft-min (lam 0.1)", []),
                        ("no target network", ["method.target_ema=null"]),
                        ("the mean over the noise (no soft-min)", ["method.bridge_temp=null"])],
@@ -94,28 +116,20 @@ SEARCH: list[Detail] = [
                  "0.995 and lam 0.1 (its file names pair lam with the bridge's noise). At the "
                  "ladder's noise (sigma 0.05 absolute) the soft-min and the mean differ little."),
     Detail("cb_credit_norm", "cb: what credit normalisation a / (RMS(a) + 1e-6) takes its RMS "
-           "over", **LADDER_CB, budget=LADDER_BUDGET,
+           "over", **LADDER_CB, budget=CB_BUDGET,
            candidates=[("the layer's whole batch", []),
                        ("each sample", ["method.credit_norm=sample"]),
                        ("no normalisation (the raw credit)", ["method.credit_norm=none"]),
                        ("the batch, DFA's warm-up credit too", ["method.norm_fallback=true"])],
            notes="The notes name the normalisation but not its axis. The per-sample RMS gives "
-                 "a sample the network already gets right the same push as a wrong one."),
-    Detail("ladder_optim", "the student's learning rate (cb's run)", **LADDER_CB,
-           budget=LADDER_BUDGET,
-           candidates=[("Adam 1e-4", []),
-                       ("Adam 1e-3", ["optim.lr=1e-3"]),
-                       ("AdamW 1e-3 (wd 0.01), cosine schedule", ["optim=adamw", "optim.lr=1e-3",
-                                                                  "lr_schedule=cosine"]),
-                       ("Adam 1e-4, block updates clipped at norm 1", ["block_grad_clip=1.0"])],
-           notes="Not recorded for the ladder (the later CIFAR runs used AdamW 1e-3, weight decay "
-                 "0.01, a cosine schedule); the notes say the student's block updates were "
-                 "clipped, not at what norm."),
-    Detail("vec_warmup", "vec: a DFA warm-up", **PILOT_VEC, budget=LADDER_BUDGET,
+                 "a sample the network already gets right the same push as a wrong one, and "
+                 "lowers the pooled measures (rho, the flattened cosine) of a credit that is "
+                 "right sample by sample."),
+    Detail("vec_warmup", "vec: a DFA warm-up", **PILOT_VEC, budget=VEC_BUDGET,
            candidates=[("20 % of the epochs", []), ("none", ["method.warmup_ratio=0.0"])],
            notes="The notes' online vec used wr=0.2; their vec trained from epoch 0 stayed near "
                  "chance."),
-    Detail("vec_field", "vec: the field's input", **PILOT_VEC, budget=LADDER_BUDGET,
+    Detail("vec_field", "vec: the field's input", **PILOT_VEC, budget=VEC_BUDGET,
            candidates=[("[LN(h), embed(t), e]", []),
                        ("h as it is", ["method.field_ln=false"]),
                        ("t as an added N(0,1) vector", ["method.layer_code=add"]),
@@ -123,44 +137,44 @@ SEARCH: list[Detail] = [
            notes="The notes: the field takes the value net's input, `[LN(h_l), time_embed(t_l), "
                  "s]`, with a linear output layer of the state's size."),
     Detail("vec_credit_norm", "vec: credit normalisation's axis", **PILOT_VEC,
-           budget=LADDER_BUDGET,
+           budget=VEC_BUDGET,
            candidates=[("the layer's whole batch", []),
                        ("each sample", ["method.credit_norm=sample"]),
                        ("no normalisation", ["method.credit_norm=none"])],
            notes="As for cb."),
     Detail("vec_loss", "vec: how the squared errors are reduced", **PILOT_VEC,
-           budget=LADDER_BUDGET,
+           budget=VEC_BUDGET,
            candidates=[("sums per sample (M directions, d entries of the terminal term)", []),
                        ("means over every entry (F.mse_loss)", ["method.loss_scale=mean"])],
            notes="Not recorded. With sums, the terminal term weighs d / M = 32 times more than "
                  "with means; the notes' control without it is *better* (0.95)."),
-    Detail("vec_eps", "vec: the finite-difference step", **PILOT_VEC, budget=LADDER_BUDGET,
+    Detail("vec_eps", "vec: the finite-difference step", **PILOT_VEC, budget=VEC_BUDGET,
            candidates=[("1e-3, absolute", []), ("1e-2, absolute", ["method.eps=1e-2"]),
                        ("1e-3 of ||h||", ["method.eps_scale=relative"])],
            notes="Not recorded (the metric's own step is 1e-3 on unit directions)."),
-    Detail("sb_credit_norm", "sb: credit normalisation's axis", study="synthetic_ladder",
-           arm="sb", point={"alpha": "1.0", "depth": "4"}, budget=LADDER_BUDGET,
+    Detail("sb_credit_norm", "sb: credit normalisation's axis", **LADDER_SB, budget=CB_BUDGET,
            candidates=[("each sample", []), ("the layer's whole batch", ["method.credit_norm=batch"]),
                        ("no normalisation", ["method.credit_norm=none"])],
-           notes="sb keeps the per-sample RMS: the reading closest to the published sb."),
+           notes="sb keeps SPEC's per-sample RMS."),
     Detail("student_input", "the student's input layer (DFA's run)", study="synthetic_ladder",
-           arm="dfa", point={"alpha": "1.0", "depth": "4"}, budget=LADDER_BUDGET,
+           arm="dfa", point={"alpha": "1.0", "depth": "4"}, budget=CB_BUDGET,
            candidates=[("a trained Linear(128, 128)", []), ("none: h_0 = x", ["model.input_layer=identity"])],
            notes="The teacher's input has d = 128 features, so the student may take x as h_0.",
-           metrics=("gamma_all", "null_gamma_all", "rho_all", "test_acc", "growth")),
+           metrics=("gamma_flat_all", "gamma_all", "null_gamma_all", "rho_all", "test_acc",
+                    "growth")),
     Detail("lq_system", "toy LQ: a fixed system or a trained learner (sb)", **LQ, arm="sb",
-           budget=LQ_BUDGET,
+           budget=FULL,
            candidates=[("fixed (only the estimator trains)", []),
                        ("trained by the rule", ["fixed_network=false"])],
            notes="The notes call it a sanity check; its recorded config has no learning rate but "
                  "the estimators' (lr_fb), and DFA's costate cosine stays at chance (0.005) from "
                  "its first step to its last.",
-           metrics=("costate_all", "rho_all", "nudge_all", "test_loss")),
-    Detail("lq_cb", "toy LQ: cb's bridge", **LQ, arm="cb", budget=LQ_BUDGET,
+           metrics=LQ_METRICS),
+    Detail("lq_cb", "toy LQ: cb's bridge", **LQ, arm="cb", budget=FULL,
            candidates=[("target network, K 8, noise 0.1, lam 0.1", []),
                        ("no target network", ["method.target_ema=null"])],
            notes="The toy run records K 8, sigma_bridge 0.1, lam 0.1, ema_momentum 0.995.",
-           metrics=("costate_all", "rho_all", "nudge_all", "test_loss")),
+           metrics=LQ_METRICS),
 ]
 
 
@@ -177,31 +191,73 @@ What the notes state is kept as stated: K = 4 and sigma = 0.05 for cb's bridge o
 tgw = 1, M = 4, the pre-LN student without terminal LayerNorm, sb's normalised MSE, cb's 20 % DFA
 warm-up; the estimators' input `[LN(h_l), time_embed(t_l), s]`, cb's EMA target network and
 soft-min bridge; the toy LQ's dimensions (state 64, 12 layers, output 10, batch 256, 8000 steps)
-and its bridge (K 8, noise 0.1, lam 0.1, EMA 0.995, estimator learning rate 1e-3)."""
+and its bridge (K 8, noise 0.1, lam 0.1, EMA 0.995, estimator learning rate 1e-3).
+
+**Which number is the original's Γ.** The notes give Γ as a layer-mean over every hidden state
+h_0..h_L, not how each layer's cosine is aggregated over samples. Two readings exist in lcredit:
+the mean of per-sample cosines (`gamma_all`; SPEC's `gamma`) and the cosine of the whole batch
+flattened (`gamma_flat_all`), which weights each sample by the size of its credit and gradient,
+as the perturbation correlation rho does. The published Γ and ρ agree within 0.06 for every rule
+and study (vec 0.91 / 0.96, cb 0.45 / 0.51, sb 0.34 / 0.32, dfa 0.05 / 0.06), which the
+flattened cosine does and the per-sample mean does not: for vec, whose credit is close to the
+gradient on every sample that still has one, the per-sample mean stays far below rho because the
+samples the student already fits (gradients ~1e-3 of the others') count as much as the rest.
+So the tables compare the published Γ with `gamma_flat_all` and show `gamma_all` beside it;
+`gamma_hidden`, which every lcredit report leads with, is unchanged (the per-sample mean over
+the hidden layers 1..L-1)."""
 
 SEARCH_INTRO = """\
 Each reading is one run (seed 42) of the study's job with every other detail at its chosen
-reading, at a shorter budget than the study's. gamma_all and rho_all are the means over every
-hidden state h_0..h_L (the original's aggregation); growth is diagnostic (a); a run that
-diverged has no numbers. **bold**: the reading lcredit's defaults take."""
+reading, at the budget given (the study's own, or fewer epochs where that tells the readings
+apart; a warm-up is a fraction of the epochs, so it shortens with them). gamma_flat_all,
+gamma_all and rho_all are means over every hidden state h_0..h_L; growth is diagnostic (a). A
+reading at the study's budget without overrides is the study's seed-42 job of section 2.
+**bold**: the reading lcredit's defaults take."""
 
 CONFIRM_INTRO = """\
 Every job of the study's arms at the published points, every seed, at `scale=paper` (the
-study's own epochs); lcredit's mean ± std (ddof = 1) over the seeds. ✓: within 0.10 of the
-published value (the costate cosine: 0.03). `python -m lcredit.report <runs>/<study>/paper`
-prints the same runs as the study's tables, the published value beside each cell."""
+study's own epochs), measured after the last epoch as the original's numbers are; lcredit's
+mean ± std (ddof = 1) over the seeds. ✓: within 0.10 of the published value (the costate
+cosine: 0.03). Beside each published Γ, lcredit's per-sample `gamma_all` for comparison.
+`python -m lcredit.report <runs>/<study>/paper` prints the same runs as the study's tables, the
+published value beside each cell."""
+
+CB_TRAJECTORY = """\
+The numbers above are one measurement, after the 80th epoch. cb's are not stable from one
+measurement to the next: once its credit drives the blocks (after the 16-epoch warm-up), the
+value net and the blocks it trains chase each other, and gamma_flat_all and rho_all swing by
+tenths between measurements five epochs apart (below, each seed's protocol measurements). The
+original's own cb shows the same spread: at identical settings (ladder alpha = 1, L = 4, 80
+epochs, 3 seeds) its Phase 1 reports Γ 0.45 / ρ 0.51 and its vector-field pilot 0.34 / 0.33."""
+
+LQ_REFERENCE = """\
+On the toy LQ's fixed system, two credits measured exactly as the runs' credit is, per seed
+(no training): the exact costate, and the top layer's costate p_L handed to every layer. The
+system is close to the identity (12 residual layers of weight std 0.03), so p_L alone already
+has a costate cosine of about 0.946 with every p_l. The published sb (0.945 ± 0.002) and cb
+(0.944 ± 0.001) sit on that value to within its seed spread, with rho 0.931 / 0.930 against its
+0.946: the original's estimators learned the top's costate and carried it down, not each
+layer's own; that, and not the exact costate (1.0), is what a reconstruction has to reach."""
 
 # Why a cell that is not reached is not: what the search showed (section 1 has the numbers).
 WHY = {
-    ("synthetic_ladder", "dfa", "gamma_all"): (
-        "lcredit's DFA aligns with its own feedback under every recipe tried (the first deep "
-        "layer most); the published value is at the level of DFA's chance alignment "
-        "(null_gamma, fresh feedback), which the notes later report having measured by "
-        "mistake in some runs (\"per the Bs-specificity finding\") — a possible reason, "
-        "not established."),
-    ("synthetic_ladder", "dfa", "rho_all"): "as for gamma_all.",
-    ("vector_field_pilot", "dfa", "gamma_all"): "as for the ladder's DFA.",
+    ("synthetic_ladder", "dfa", "gamma_flat_all"): (
+        "lcredit's DFA aligns with its own feedback at every learning rate tried (Γ ≈ 0.4, the "
+        "first deep layer most, the classic DFA alignment); the published value is at the level "
+        "of DFA's chance alignment (null_gamma, the cosine with freshly drawn feedback: section 1, "
+        "the student's input layer), which the notes later report having measured by mistake in "
+        "some runs (\"per the Bs-specificity finding\") — a possible reason, not established."),
+    ("synthetic_ladder", "dfa", "rho_all"): "as for gamma_flat_all.",
+    ("vector_field_pilot", "dfa", "gamma_flat_all"): "as for the ladder's DFA.",
     ("vector_field_pilot", "dfa", "rho_all"): "as for the ladder's DFA.",
+    ("synthetic_ladder", "cb", "gamma_flat_all"): (
+        "cb's final-epoch numbers swing by tenths from one measurement to the next (the table "
+        "of cb's measurements above), as the original's do between its two studies (0.45 / 0.51 "
+        "and 0.34 / 0.33 at identical settings); within this spread, no reading tried lands "
+        "on both."),
+    ("synthetic_ladder", "cb", "rho_all"): "as for gamma_flat_all.",
+    ("vector_field_pilot", "cb", "gamma_flat_all"): "as for the ladder's cb.",
+    ("vector_field_pilot", "cb", "rho_all"): "as for the ladder's cb.",
 }
 
 
@@ -224,10 +280,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")[:80] or "default"
 
 
+def search_dir(root: Path, d: Detail, overrides: list) -> Path:
+    """Where a reading's run lives: the study's own seed-42 job when the reading is the default
+    at the study's budget, else one directory per (job, overrides), so that two details that
+    try the same reading share one run."""
+    job = ",".join([d.arm] + [f"{a}={v}" for a, v in d.point.items()])
+    if not d.budget and not overrides:
+        return root / d.study / "paper" / job / f"seed={SEED}"
+    return root / "search" / d.study / job / slug(" ".join([*d.budget, *overrides]))
+
+
 def search_runs(root: Path) -> list[Run]:
-    return [Run("search", label, d.study, d.arm, d.point, SEED, [*d.budget, *ov],
-                root / "search" / d.key / slug(label), {"detail": d.key})
-            for d in SEARCH for label, ov in d.candidates]
+    runs = {}
+    for d in SEARCH:
+        for label, ov in d.candidates:
+            where = search_dir(root, d, ov)
+            kind = "search" if d.budget or ov else d.study
+            runs.setdefault(where, Run(kind, label, d.study, d.arm, d.point, SEED,
+                                       [*d.budget, *ov], where, {"detail": d.key}))
+    return list(runs.values())
 
 
 # The confirmation: per study, the jobs (arm, point) its reference names, at every seed of the
@@ -287,12 +358,14 @@ def run_one(run: Run, device: str, threads: int) -> dict:
         return {"dir": str(run.directory), "status": "failed", "error": repr(err)[:300]}
 
 
-def _run_one(run: Run, device: str, threads: int) -> dict:
+def run_config(run: Run, device: str = "cpu", threads: int = 1):
+    """The run's composed config, as ``python -m lcredit.train experiment=<study> arm=<arm>``
+    composes it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from lcredit.jobs import _quote, arm_job
-    from lcredit.train import CONF_DIR, train
+    from lcredit.train import CONF_DIR
 
     user = [f"{a}={v}" for a, v in run.point.items()] + list(run.overrides) + [f"seed={run.seed}"]
     if device == "cuda":
@@ -300,11 +373,42 @@ def _run_one(run: Run, device: str, threads: int) -> dict:
     job, ov, user = arm_job(run.study, run.arm, "paper", user)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
+        return compose("config", overrides=[
             f"experiment={run.study}", "scale=paper", *ov, *job.marker_overrides(), *user,
             f"paths.output_dir={_quote(run.directory)}", "logger=none",
             "protocol.print_report=false", "trainer.enable_progress_bar=false",
             f"threads={threads}", f"paths.cache_dir={_quote(run.directory.parent.parent / 'cache')}"])
+
+
+def training_key(run: Run) -> str:
+    """What the run trains and measures, without where it is written or which study it is
+    filed under: two studies' jobs with the same key are the same run."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(run_config(run), resolve=False)
+    for k in ("study", "paths", "hydra", "scale", "tags"):
+        cfg.pop(k, None)
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def shared_runs(runs: list[Run]) -> dict[Path, Path]:
+    """Jobs of one study that are another's to the last setting (the vector-field pilot's dfa
+    and cb at L = 4 are the synthetic ladder's at alpha = 1, L = 4): directory -> the directory
+    of the first such job, whose results stand for both."""
+    first, alias = {}, {}
+    for run in runs:
+        key = training_key(run)
+        if key in first and first[key] != run.directory:
+            alias[run.directory] = first[key]
+        else:
+            first.setdefault(key, run.directory)
+    return alias
+
+
+def _run_one(run: Run, device: str, threads: int) -> dict:
+    from lcredit.train import train
+
+    cfg = run_config(run, device, threads)
     start = time.perf_counter()
     r = train(cfg)
     return {"dir": str(run.directory), "status": r["status"], "seconds": time.perf_counter() - start}
@@ -314,6 +418,11 @@ def execute(runs: list[Run], jobs: int, device: str, threads: int | None = None)
     todo = []
     from lcredit.results import read_json
 
+    alias = shared_runs(runs)
+    if alias:
+        print(f"reproduce: {len(alias)} jobs are another study's to the last setting; their "
+              f"runs stand for them", flush=True)
+    runs = [run for run in runs if run.directory not in alias]
     for run in runs:
         prior = read_json(run.directory / "results.json")
         if prior is None or prior.get("status") not in ("completed", "aborted"):
@@ -383,7 +492,7 @@ def search_section(root: Path) -> tuple[list[str], dict]:
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows = []
         for i, (label, ov) in enumerate(d.candidates):
-            rec = read_json(root / "search" / d.key / slug(label) / "results.json")
+            rec = read_json(search_dir(root, d, ov) / "results.json")
             vals = {m: value(rec, m) for m in d.metrics}
             status = (rec or {}).get("status", "not run")
             if rec and rec.get("divergence"):
@@ -403,20 +512,25 @@ def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
     from lcredit.results import read_json
     from lcredit.jobs import compose_job, study_node
 
+    alias = shared_runs(confirm_runs(root))
     lines, data, verdict = [], {}, {}
     for name in CONFIRM:
         node = study_node(compose_job(name, ["scale=paper"]))
         ref = node["reference"]
         lines += [f"### `experiment={name}` (scale=paper, seeds {', '.join(map(str, node['seeds']))})",
                   "", f"Published: {ref['source']}.", "",
+                  *([f"The {', '.join(sorted({d.parent.name.split(',')[0] for d in alias if d.parts[-4] == name}))} "
+                     f"jobs here are {', '.join(sorted({alias[d].parts[-4] for d in alias if d.parts[-4] == name}))}'s "
+                     f"to the last setting (the same composed config): the same runs stand for both.", ""]
+                    if any(d.parts[-4] == name for d in alias) else []),
                   "| arm | point | metric | published | lcredit (mean ± std) | n | Δ | ✓ |",
                   "|---|---|---|---|---|---|---|---|"]
         rows = []
         for entry in ref["values"]:
             point = {a: str(v) for a, v in (entry.get("point") or {}).items()}
             job = ",".join([entry["arm"]] + [f"{a}={v}" for a, v in point.items()])
-            recs = [read_json(root / name / "paper" / job / f"seed={s}" / "results.json")
-                    for s in node["seeds"]]
+            dirs = [root / name / "paper" / job / f"seed={s}" for s in node["seeds"]]
+            recs = [read_json(alias.get(d, d) / "results.json") for d in dirs]
             where = ", ".join(f"{a}={v}" for a, v in point.items()) or "—"
             for key, pub in entry.items():
                 if key in ("arm", "point"):
@@ -426,6 +540,10 @@ def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
                 ok = None if m is None or not _in_scope(name, point) else abs(m - float(pub)) <= tol
                 delta = None if m is None else m - float(pub)
                 cell = "—" if m is None else (f3(m) if sd is None else f"{f3(m)} ± {f3(sd)}")
+                if key == "gamma_flat_all" and m is not None:  # the other reading, beside it
+                    gm, gsd, _ = mean_sd([value(r, "gamma_all") for r in recs])
+                    cell += ("" if gm is None else
+                             f" (gamma_all {f3(gm)}" + ("" if gsd is None else f" ± {f3(gsd)}") + ")")
                 mark = {True: "✓", False: "✗", None: "not run" if _in_scope(name, point)
                         else "not run (--grid)"}[ok]
                 lines.append(f"| {entry['arm']} | {where} | {key} | {f3(float(pub))} | {cell} | "
@@ -439,9 +557,82 @@ def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
     return lines, data, verdict
 
 
+def lq_reference_credits(root: Path) -> tuple[list[str], dict]:
+    """Two credits that need no training, measured on each seed's toy-LQ system (the fixed
+    network of the study's runs, read from one of its checkpoints) exactly as the runs' credit
+    is: the exact costate p_l, and the top's costate p_L given to every layer. The published
+    sb and cb sit at the second."""
+    from lcredit.audit import load_checkpoint, restore
+    from lcredit.callbacks.protocol import evaluation_batches
+    from lcredit.diagnostics.measure import measure
+    from lcredit.jobs import compose_job, study_node
+    from omegaconf import OmegaConf
+
+    seeds = study_node(compose_job("toy_lq", ["scale=paper"]))["seeds"]
+    rows, data = [], {}
+    for seed in seeds:
+        ckpt = next((c for arm in ("dfa", "sb", "cb", "bp", "vec")
+                     for c in [root / "toy_lq" / "paper" / arm / f"seed={seed}" / "checkpoints"
+                               / "last.ckpt"] if c.is_file()), None)
+        if ckpt is None:
+            continue
+        rule, task, cfg = restore(load_checkpoint(ckpt))
+        p = cfg.protocol
+        opts = OmegaConf.to_container(p.measure, resolve=True)
+        eval_b, stab_b, rho_b = evaluation_batches(
+            task.x_train, task.y_train, int(p.eval_batches), int(p.stability_batches),
+            int(p.batch_size), int(p.seed), int(opts.get("rho_samples", 0)))
+        for name, fn in (("exact costate p_l", task.costate),
+                         ("p_L at every layer", lambda m, x, y: [task.costate(m, x, y)[-1]]
+                          * (len(m.blocks) + 1))):
+            agg = measure(rule.model, eval_b, fn, loss_fn=rule.per_sample_loss,
+                          costate=task.costate, stability_batches=stab_b[:2], rho_batches=rho_b,
+                          seed=int(p.seed), **opts)["aggregates"]
+            vals = {"costate_all": agg.get("costate_cosine_all"), "rho_all": agg.get("rho_all"),
+                    "nudge_all": agg.get("nudge_all")}
+            data.setdefault(name, {})[seed] = vals
+    if not data:
+        return ["(no toy-LQ run yet: `make reproduce` runs them.)", ""], {}
+    lines = ["| credit | costate_all | rho_all | nudge_all | seeds |", "|---|---|---|---|---|"]
+    for name, per_seed in data.items():
+        cells = []
+        for key in ("costate_all", "rho_all", "nudge_all"):
+            m, sd, _ = mean_sd([v[key] for v in per_seed.values()])
+            cells.append("—" if m is None else (f3(m) if sd is None else f"{f3(m)} ± {f3(sd)}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(map(str, per_seed))} |")
+    return lines + [""], data
+
+
+def trajectory(root: Path, study: str, job: str, keys=("gamma_flat_all", "rho_all")) -> list[str]:
+    """Each protocol measurement of one job's seeds (every 5 epochs): how much its final-epoch
+    numbers move from one measurement to the next."""
+    from lcredit.jobs import compose_job, study_node
+    from lcredit.results import read_json
+
+    seeds = study_node(compose_job(study, ["scale=paper"]))["seeds"]
+    recs = {s: read_json(root / study / "paper" / job / f"seed={s}" / "results.json")
+            for s in seeds}
+    recs = {s: r for s, r in recs.items() if r and r.get("history")}
+    if not recs:
+        return ["(not run yet)", ""]
+    epochs = sorted({h["epoch"] for r in recs.values() for h in r["history"]
+                     if (h.get("protocol") or {}).get("aggregates")})
+    head = ["epoch"] + [f"seed {s}: {k}" for s in recs for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in epochs:
+        cells = [str(e)]
+        for s, r in recs.items():
+            row = next((h for h in r["history"] if h["epoch"] == e), {})
+            agg = (row.get("protocol") or {}).get("aggregates") or {}
+            cells += [f3(agg.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render(root: Path, out: Path, readme: str | None) -> str:
     search_lines, search_data = search_section(root)
     confirm_lines, confirm_data, verdict = confirm_section(root)
+    lq_lines, lq_data = lq_reference_credits(root)
     from lcredit.train import versions
 
     lines = [
@@ -464,6 +655,16 @@ def render(root: Path, out: Path, readme: str | None) -> str:
         CONFIRM_INTRO,
         "",
         *confirm_lines,
+        "### cb from one measurement to the next",
+        "",
+        CB_TRAJECTORY,
+        "",
+        *trajectory(root, "synthetic_ladder", "cb,alpha=1.0,depth=4"),
+        "### The toy LQ's two reference credits",
+        "",
+        LQ_REFERENCE,
+        "",
+        *lq_lines,
         "## 3. What is not reached, and why",
         "",
         *unreached(confirm_data),
@@ -473,7 +674,7 @@ def render(root: Path, out: Path, readme: str | None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
-        {"search": search_data, "confirm": confirm_data,
+        {"search": search_data, "confirm": confirm_data, "lq_reference_credits": lq_data,
          "versions": versions(), "written": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     if readme:
         write_readme(Path(readme), confirm_data)
@@ -538,7 +739,10 @@ def main() -> int:
             runs += search_runs(root)
         if args.part in ("all", "confirm"):
             runs += confirm_runs(root, args.studies.split(",") if args.studies else None)
-        execute(sorted(runs, key=priority), args.jobs, args.device, args.threads)
+        unique = {}
+        for run in runs:  # a default reading at the study's budget is the confirmation's run
+            unique.setdefault(run.directory, run)
+        execute(sorted(unique.values(), key=priority), args.jobs, args.device, args.threads)
     print(render(root, Path(args.out), args.readme))
     return 0
 

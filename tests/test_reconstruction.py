@@ -188,10 +188,12 @@ def test_cosine_schedule_needs_an_epoch_count(make_cfg):
 def test_all_layer_aggregates_are_means_over_every_layer():
     from lcredit.diagnostics.measure import aggregates
 
-    layers = [{"layer": l, "gamma": g, "rho": r, "nudge": -r, "gamma_flat": g, "null_gamma": 0.0}
-              for l, (g, r) in enumerate([(0.1, 0.2), (0.3, 0.5), (0.5, 0.4), (1.0, 1.0)])]
+    layers = [{"layer": l, "gamma": g, "rho": r, "nudge": -r, "gamma_flat": f, "null_gamma": 0.0}
+              for l, (g, r, f) in enumerate([(0.1, 0.2, 0.3), (0.3, 0.5, 0.5), (0.5, 0.4, 0.6),
+                                             (1.0, 1.0, 1.0)])]
     agg = aggregates(layers)
     assert agg["gamma_all"] == pytest.approx(0.475)
+    assert agg["gamma_flat_all"] == pytest.approx(0.6)  # the published Gamma's reading
     assert agg["rho_all"] == pytest.approx(0.525)
     assert agg["gamma_hidden"] == pytest.approx(0.4)  # unchanged: layers 1..L-1
 
@@ -254,3 +256,20 @@ def test_lq_fresh_samples_are_new_every_epoch_and_follow_the_same_map():
     assert torch.equal(x0, task.x_train) and not torch.allclose(x0, x1)
     T = torch.linalg.lstsq(x0, y0).solution
     assert torch.allclose(x1 @ T, y1, atol=1e-5)
+
+
+def test_the_flattened_cosine_weights_samples_by_their_size_and_the_per_sample_mean_does_not():
+    """The two readings of a layer's Gamma (docs/reproduction.md): a credit right on the samples
+    with large gradients and wrong on those the network already fits (tiny gradients) has a
+    flattened cosine near 1 and a per-sample mean near 0.5, as rho (pooled over samples) does."""
+    from lcredit.diagnostics import metrics as M
+
+    torch.manual_seed(0)
+    g = torch.randn(200, 16, dtype=torch.float64)
+    g[100:] *= 1e-3                       # samples the network already fits
+    a = g.clone()
+    a[100:] = torch.randn(100, 16, dtype=torch.float64)  # wrong where the gradient is tiny
+    a[100:] *= 1e-3
+    per_sample = float(M.row_cosines(a, g)[0].mean())
+    assert M.flat_cosine(a, g) > 0.99
+    assert 0.4 < per_sample < 0.6

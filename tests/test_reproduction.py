@@ -3,6 +3,7 @@ measured, at a reduced budget: cb's value net and vec's field learn credit on th
 warm-up network where the literal reading lcredit had learns none, and on the toy LQ's fixed
 system sb's credit comes close to the exact costate while DFA's stays at chance. Each test has
 the previous default as its control: the same check fails there."""
+import copy
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from lcredit.train import build_rule, fit_task
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # The original ladder and student (d = 128, C = 10, alpha = 1, L = 4), a smaller training set.
-LADDER = ["data=ladder", "data.n_train=4096", "model=student", "seed=42", "optim.lr=1e-4"]
+LADDER = ["data=ladder", "data.n_train=4096", "model=student", "seed=42", "optim.lr=5e-5"]
 # The literal reading lcredit's defaults were before the reconstruction.
 LITERAL = {"cb": ["method.field_ln=false", "method.layer_code=add", "method.target_ema=null",
                   "method.bridge_temp=null", "method.aux_lr=3e-3"],
@@ -62,31 +63,51 @@ def estimator_quality(rule, task, n=512):
     return sum(gamma) / len(gamma), sum(rho) / len(rho)
 
 
-@pytest.mark.parametrize("form", ["default", "literal"])
-def test_cb_value_net_learns_credit_during_its_warm_up(tmp_path, form):
-    # the whole 20k training set: the target network needs ~1000 steps to carry the top's
-    # credit down. The control is the previous default whole: the literal value net, and the
-    # student at 1e-3
-    rule, task = trained(tmp_path, 6, *LADDER, "data.n_train=20000", "method=cb",
-                         "method.warmup_ratio=1.0",
-                         *(LITERAL["cb"] + ["optim.lr=1e-3"] if form == "literal" else []))
-    assert rule.phase() == "warmup"
-    gamma, rho = estimator_quality(rule, task)
-    if form == "default":
-        assert gamma > 0.25 and rho > 0.25, (gamma, rho)
-    else:  # the control: the reading lcredit had learns (next to) nothing
-        assert gamma < 0.1, gamma
+def published_measures(rule, task) -> dict:
+    """gamma_flat_all and rho_all of the rule's credit as its protocol measures them (lcredit's
+    own measurement, on the run's evaluation batches); an estimator in its warm-up is measured
+    on its own credit, as it will be once it takes over."""
+    from lcredit.callbacks.protocol import evaluation_batches
+    from lcredit.diagnostics.measure import measure
+
+    probe = copy.deepcopy(rule)
+    if hasattr(probe, "warmup_ratio"):
+        probe.warmup_ratio = 0.0
+    eval_b, stab_b, rho_b = evaluation_batches(task.x_train, task.y_train, 2, 2, 128, 0, 512)
+    agg = measure(None, eval_b, probe, stability_batches=stab_b, rho_batches=rho_b,
+                  rho_samples=512, rho_directions=8, null_draws=2)["aggregates"]
+    return {k: agg[k] for k in ("gamma_flat_all", "rho_all")}
 
 
-@pytest.mark.parametrize("form", ["default", "literal"])
-def test_vec_field_learns_credit_during_its_warm_up(tmp_path, form):
-    rule, task = trained(tmp_path, 3, *LADDER, "method=vec", "method.warmup_ratio=1.0",
-                         *(LITERAL["vec"] if form == "literal" else []))
-    gamma, rho = estimator_quality(rule, task)
-    if form == "default":
-        assert gamma > 0.6 and rho > 0.8, (gamma, rho)
-    else:
-        assert gamma < 0.6 or rho < 0.8, (gamma, rho)
+ORDER = {"dfa": ["method=dfa"], "sb": ["method=sb"], "cb": ["method=cb"], "vec": ["method=vec"],
+         "cb_literal": ["method=cb", *LITERAL["cb"]]}
+
+
+def test_on_one_network_the_estimators_keep_the_published_order(tmp_path):
+    """The original's order of credit quality on the ladder (alpha 1, L 4), vec > cb > dfa and
+    vec > sb > dfa on Gamma and rho, with vec's shuffled-target control near 0 — here on one
+    network: every estimator learns alongside the same DFA training (its warm-up, 960 steps),
+    so each is measured on the very network the others see. (cb > sb is the order after each
+    rule has trained its own network, where sb's residual stream drifts further: it needs the
+    study's budget, docs/reproduction.md.) The control, the literal value net lcredit's cb had
+    before the reconstruction, learns less credit than DFA's fixed feedback gives."""
+    q, params = {}, {}
+    for name, ov in ORDER.items():
+        extra = [] if name == "dfa" else ["method.warmup_ratio=1.0"]
+        rule, task = trained(tmp_path / name, 30, *LADDER, *ov, *extra)
+        q[name] = published_measures(rule, task)
+        params[name] = rule.model.blocks[-1].fc2.weight.detach().clone()
+    for name in ORDER:  # DFA trained the same network under every estimator
+        assert torch.equal(params[name], params["dfa"]), name
+    for k in ("gamma_flat_all", "rho_all"):
+        assert q["vec"][k] > q["cb"][k] > q["dfa"][k], (k, q)
+        assert q["vec"][k] > q["sb"][k] > q["dfa"][k], (k, q)
+        assert q["cb_literal"][k] < q["dfa"][k], (k, q)  # the control
+    # vec's control: each sample trained toward another's targets learns no credit (a shorter
+    # run: it only has to stay at chance)
+    shuffled, task = trained(tmp_path / "shuffled", 10, *LADDER, "method=vec",
+                             "method.shuffle_targets=true", "method.warmup_ratio=1.0")
+    assert abs(published_measures(shuffled, task)["gamma_flat_all"]) < 0.1
 
 
 def test_vec_without_a_warm_up_is_not_the_default(tmp_path):
