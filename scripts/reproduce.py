@@ -170,6 +170,13 @@ SEARCH: list[Detail] = [
                  "the estimators' (lr_fb), and DFA's costate cosine stays at chance (0.005) from "
                  "its first step to its last.",
            metrics=LQ_METRICS),
+    Detail("lq_sb_predictor", "toy LQ: sb's predictor", **LQ, arm="sb", budget=FULL,
+           candidates=[("a plain MLP (the ladder's original form)", []),
+                       ("identity skip + zero-initialised MLP (lcredit's switch)",
+                        ["method.predictor=skip"])],
+           notes="The notes give sb's predictor as a plain MLP; the toy run records the "
+                 "estimators' learning rate (lr_fb 1e-3) and nothing of the predictor.",
+           metrics=LQ_METRICS),
     Detail("lq_cb", "toy LQ: cb's bridge", **LQ, arm="cb", budget=FULL,
            candidates=[("target network, K 8, noise 0.1, lam 0.1", []),
                        ("no target network", ["method.target_ema=null"])],
@@ -256,6 +263,12 @@ WHY = {
         "and 0.34 / 0.33 at identical settings); within this spread, no reading tried lands "
         "on both."),
     ("synthetic_ladder", "cb", "rho_all"): "as for gamma_flat_all.",
+    ("toy_lq", "sb", "nudge_all"): (
+        "no credit reaches it under lcredit's nudge (SPEC: the loss change for a step of 1e-2 "
+        "||h_l|| against the normalised credit): the exact costate itself gives about -0.20 on "
+        "this system (the reference credits above), so the original's nudge took another step "
+        "size or loss scale (its notes do not say which)."),
+    ("toy_lq", "cb", "nudge_all"): "as for sb.",
     ("vector_field_pilot", "cb", "gamma_flat_all"): "as for the ladder's cb.",
     ("vector_field_pilot", "cb", "rho_all"): "as for the ladder's cb.",
 }
