@@ -749,7 +749,9 @@ def main() -> int:
     if not args.render_only:
         runs = []
         if args.part in ("all", "search"):
-            runs += search_runs(root)
+            # a default reading at the study's budget is a confirmation job: the confirm part
+            # runs it (two processes must never train into one directory)
+            runs += [r for r in search_runs(root) if r.kind == "search" or args.part == "all"]
         if args.part in ("all", "confirm"):
             runs += confirm_runs(root, args.studies.split(",") if args.studies else None)
         unique = {}
