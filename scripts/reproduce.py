@@ -365,10 +365,41 @@ def run_one(run: Run, device: str, threads: int) -> dict:
     prior = read_json(run.directory / "results.json")
     if prior is not None and prior.get("status") in ("completed", "aborted"):
         return {"dir": str(run.directory), "status": prior["status"], "skipped": True}
+    if not claim(run.directory):
+        return {"dir": str(run.directory), "status": "running elsewhere", "skipped": True}
     try:
         return _run_one(run, device, threads)
     except Exception as err:  # noqa: BLE001 — said in the log; the other runs go on
         return {"dir": str(run.directory), "status": "failed", "error": repr(err)[:300]}
+    finally:
+        (run.directory / CLAIM).unlink(missing_ok=True)
+
+
+CLAIM = ".reproduce-claim"
+
+
+def claim(directory: Path) -> bool:
+    """Take a run for this process (several `make reproduce` processes may share --runs): a
+    claim file holding our pid, created exclusively; a claim whose process is gone is taken
+    over."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False            # another live process trains it
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)   # a dead process's claim
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def run_config(run: Run, device: str = "cpu", threads: int = 1):
