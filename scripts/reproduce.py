@@ -225,7 +225,8 @@ CONFIRM_INTRO = """\
 Every job of the study's arms at the published points, every seed, at `scale=paper` (the
 study's own epochs), measured after the last epoch as the original's numbers are; lcredit's
 mean ± std (ddof = 1) over the seeds. ✓: within 0.10 of the published value (the costate
-cosine: 0.03). Beside each published Γ, lcredit's per-sample `gamma_all` for comparison.
+cosine: 0.03). Beside each published Γ, lcredit's per-sample `gamma_all` for comparison (and
+for dfa its `null_gamma_all`, the cosine with freshly drawn feedback: DFA's chance level).
 `python -m lcredit.report <runs>/<study>/paper` prints the same runs as the study's tables, the
 published value beside each cell."""
 
@@ -252,19 +253,20 @@ only give the part of a gradient orthogonal to h and to the all-ones vector: at 
 # Why a cell that is not reached is not: what the search showed (section 1 has the numbers).
 WHY = {
     ("synthetic_ladder", "dfa", "gamma_flat_all"): (
-        "lcredit's DFA aligns with its own feedback at every learning rate tried (Γ ≈ 0.4, the "
-        "first deep layer most, the classic DFA alignment); the published value is at the level "
-        "of DFA's chance alignment (null_gamma, the cosine with freshly drawn feedback: section 1, "
-        "the student's input layer), which the notes later report having measured by mistake in "
-        "some runs (\"per the Bs-specificity finding\") — a possible reason, not established."),
+        "lcredit's DFA aligns with its own feedback (Γ ≈ 0.45, the first deep layer most: the "
+        "classic DFA alignment); the published value is at the level of DFA's chance alignment, "
+        "null_gamma_all (the cosine with freshly drawn feedback, beside the cell in the table: "
+        "about 0.00 on the same runs), which the notes later report having measured by mistake "
+        "in some runs (\"per the Bs-specificity finding\") — a possible reason, not established."),
     ("synthetic_ladder", "dfa", "rho_all"): "as for gamma_flat_all.",
     ("vector_field_pilot", "dfa", "gamma_flat_all"): "as for the ladder's DFA.",
     ("vector_field_pilot", "dfa", "rho_all"): "as for the ladder's DFA.",
     ("synthetic_ladder", "cb", "gamma_flat_all"): (
         "cb's final-epoch numbers swing by tenths from one measurement to the next (the table "
         "of cb's measurements above), as the original's do between its two studies (0.45 / 0.51 "
-        "and 0.34 / 0.33 at identical settings); within this spread, no reading tried lands "
-        "on both."),
+        "and 0.34 / 0.33 at identical settings); lcredit's final-epoch mean lies between the "
+        "two, within 0.10 of the pilot's pair and of the Phase 1 Γ, and just outside the Phase "
+        "1 ρ. Section 1's cb readings are the ones tried to move it."),
     ("synthetic_ladder", "cb", "rho_all"): "as for gamma_flat_all.",
     ("toy_lq", "sb", "nudge_all"): (
         "no credit reaches it under lcredit's nudge (SPEC: the loss change for a step of 1e-2 "
@@ -615,6 +617,9 @@ def confirm_section(root: Path) -> tuple[list[str], dict, dict]:
                     gm, gsd, _ = mean_sd([value(r, "gamma_all") for r in recs])
                     cell += ("" if gm is None else
                              f" (gamma_all {f3(gm)}" + ("" if gsd is None else f" ± {f3(gsd)}") + ")")
+                    nm, nsd, _ = mean_sd([value(r, "null_gamma_all") for r in recs])
+                    if nm is not None and entry["arm"] == "dfa":  # DFA's chance alignment
+                        cell += f" (null_gamma_all {f3(nm)}" + ("" if nsd is None else f" ± {f3(nsd)}") + ")"
                 mark = {True: "✓", False: "✗", None: "not run" if _in_scope(name, point)
                         else "not run (--grid)"}[ok]
                 lines.append(f"| {entry['arm']} | {where} | {key} | {f3(float(pub))} | {cell} | "
