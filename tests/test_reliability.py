@@ -197,6 +197,11 @@ BAD = [  # (overrides, key the message must name)
     (["+trainer.check_val_every_n_epoch=2"], "trainer.check_val_every_n_epoch"),
     (["protocol.frozen_baseline=1.5"], "protocol.frozen_baseline"),
     (["protocol.frozen_baseline=/no/such/results.json"], "protocol.frozen_baseline"),
+    # a run that would train nothing and call itself completed
+    (["trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
+    (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches"),
+    (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches"),
+    (["trainer.limit_train_batches=nan"], "trainer.limit_train_batches"),
 ]
 
 
@@ -350,6 +355,146 @@ def test_a_run_that_fails_midway_writes_failed_results_with_its_history(make_cfg
     r = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert r["status"] == "failed" and "boom in epoch 2" in r["error"]
     assert [row["epoch"] for row in r["history"]] == [1]
+
+
+# ---------------------------------------------------------------- 9b. a full disk loses nothing
+class FullDisk:
+    """A disk that fills up under ``root`` once armed: every write into a file there fails with
+    ENOSPC unless unlinking a file there freed the room first. The system's temporary directory
+    is another filesystem (a rename from it into ``root`` fails with EXDEV, so shutil.move
+    copies, as it does on a cluster's node-local /tmp). Writes go through open() (Python file
+    objects, fsspec's local files) and os.sendfile (shutil's copy)."""
+
+    def __init__(self, root: Path, monkeypatch):
+        import builtins
+        import io
+
+        self.root, self.free, self.armed = str(Path(root).resolve()), 0, False
+        real_open, real_sendfile = builtins.open, os.sendfile
+        real_rename, real_replace, real_unlink = os.rename, os.replace, os.unlink
+        disk = self
+
+        class Quota:
+            def __init__(self, f):
+                self._f = f
+
+            def write(self, data):
+                disk.spend(len(data))
+                return self._f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __iter__(self):
+                return iter(self._f)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._f.__exit__(*exc)
+
+        def inside(path) -> bool:
+            try:
+                return os.path.realpath(os.fspath(path)).startswith(self.root)
+            except TypeError:  # a file descriptor
+                return False
+
+        def fd_inside(fd) -> bool:
+            try:
+                return inside(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                return False
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)  # "w" truncates, as a real open does
+            return Quota(f) if self.armed and set(mode) & set("wax+") and inside(file) else f
+
+        def fake_sendfile(out_fd, in_fd, offset, count):
+            if self.armed and fd_inside(out_fd):
+                self.spend(count)
+            return real_sendfile(out_fd, in_fd, offset, count)
+
+        def moved(real):
+            def move(src, dst, *args, **kwargs):
+                if self.armed and inside(dst) and not inside(src):
+                    raise OSError(18, "Invalid cross-device link")  # EXDEV
+                return real(src, dst, *args, **kwargs)
+            return move
+
+        def fake_unlink(path, *args, **kwargs):
+            size = os.path.getsize(path) if self.armed and inside(path) else 0
+            real_unlink(path, *args, **kwargs)
+            self.free += size
+
+        for mod in (builtins, io):
+            monkeypatch.setattr(mod, "open", fake_open)
+        monkeypatch.setattr(os, "sendfile", fake_sendfile)
+        monkeypatch.setattr(os, "rename", moved(real_rename))
+        monkeypatch.setattr(os, "replace", moved(real_replace))
+        monkeypatch.setattr(os, "unlink", fake_unlink)
+        monkeypatch.setattr(os, "remove", fake_unlink)
+
+    def spend(self, n: int) -> None:
+        if n > self.free:
+            raise OSError(28, "No space left on device")  # ENOSPC
+        self.free -= n
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_records_the_failure(make_cfg,
+                                                                            monkeypatch):
+    """Lightning's writer stages a checkpoint in the temporary directory and copies it over
+    last.ckpt when that is another filesystem: a full disk truncated the good checkpoint and
+    left no results.json. Now the checkpoint is written beside itself and renamed, and the run's
+    reserve makes room for its failure record."""
+    cfg = make_cfg("method=dfa", *TINY, "trainer.max_epochs=1")
+    out = Path(cfg.paths.output_dir)
+    train(cfg)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    good = ckpt.read_bytes()
+    disk = FullDisk(out, monkeypatch)
+
+    class FillTheDisk(Callback):  # after epoch 2's measurement, before its checkpoint
+        def on_validation_end(self, trainer, pl_module):
+            disk.armed = True
+
+    with pytest.raises(OSError) as err:
+        train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=2"),
+              extra_callbacks=[FillTheDisk()])
+    assert err.value.errno == 28
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == good  # the previous checkpoint, whole
+    assert "state_dict" in torch.load(ckpt, weights_only=False)
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "failed" and "No space left" in r["error"], r.get("error")
+    assert [row["epoch"] for row in r["history"]] == [1]  # epoch 2 never completed
+    assert not [p.name for p in out.rglob("*.tmp")]  # no half-written file left behind
+    # with room again, the same command resumes from the good checkpoint and completes
+    again = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=2"))
+    assert again["status"] == "completed" and again["final"]["epochs"] == 2
+
+
+def test_a_full_disk_ends_the_cli_run_with_one_line_and_writes_nothing(tmp_path):
+    """From the command line, a disk full from the start (the run's reserve cannot be taken):
+    one line naming the directory, exit 2, no traceback, nothing written. (A real process: the
+    run builds its model first, and torch's thread pool does not survive a fork.)"""
+    script = ("import runpy, sys\n"
+              "from lcredit import files\n"
+              "def full(directory):\n"
+              "    raise OSError(28, 'No space left on device')\n"
+              "files.reserve = full\n"
+              "sys.argv[0] = 'lcredit.train'\n"
+              "runpy.run_module('lcredit.train', run_name='__main__')\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", script, "method=dfa", *TINY,
+                           "trainer.max_epochs=1", *QUIET, f"hydra.run.dir={out}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lcredit")]
+    assert lines and "paths.output_dir" in lines[-1] and "No space left" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------- 10. small things

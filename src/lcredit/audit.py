@@ -22,6 +22,7 @@ from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import quote_path_overrides
 from lcredit.config import read_checkpoint
 from lcredit.errors import ConfigError
+from lcredit.files import atomic_write
 from lcredit.results import write_json
 from lcredit.train import CONF_DIR, build_rule, fit_task
 
@@ -110,7 +111,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "audit.json", report.to_dict())
-    (out / "audit.md").write_text(report.to_markdown() + "\n" + report.template())
+    atomic_write(out / "audit.md", report.to_markdown() + "\n" + report.template())
     print(f"audit: {out / 'audit.json'}")
 
 

@@ -54,6 +54,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     from omegaconf import OmegaConf
 
     from lcredit.errors import ConfigError
+    from lcredit.files import atomic_write
     from lcredit.results import write_json
 
     try:
@@ -68,7 +69,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     path = free_path(out, tool)
     write_json(path, result)
     text = to_markdown(result)
-    path.with_suffix(".md").write_text(text)
+    atomic_write(path.with_suffix(".md"), text)
     print(text)
     print(f"{tool}: {path}")
 

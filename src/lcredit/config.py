@@ -56,6 +56,12 @@ def validate(cfg: DictConfig) -> None:
                               f"epochs >= 1 (or bound the run with trainer.max_steps)")
     else:
         _num("trainer.max_epochs", max_epochs, 1, integer=True)
+    limit = trainer.get("limit_train_batches")
+    if limit is not None:  # a run that trains on nothing is not a run
+        if isinstance(limit, float):
+            _num("trainer.limit_train_batches", limit, 0.0, 1.0, lo_open=True)
+        else:
+            _num("trainer.limit_train_batches", limit, 1, integer=True)
     protocol = cfg.get("protocol")
     if protocol:
         validate_protocol(protocol)

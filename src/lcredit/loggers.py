@@ -2,9 +2,12 @@
 resumes (Lightning's writer deletes a metrics.csv it finds, losing the first segment), without
 the rows of the partial epoch the checkpoint does not cover (they are logged again)."""
 import csv
+import io
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from lcredit.files import atomic_write
 
 
 def _covered(row: dict, step: int, epochs_done: int) -> bool:
@@ -28,10 +31,11 @@ class _AppendingWriter(ExperimentWriter):
             reader = csv.DictReader(file)
             self.metrics_keys = list(reader.fieldnames or [])
             rows = [r for r in reader if _covered(r, *resume_point)]
-        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, text.getvalue())  # a failure keeps the old file
 
     def _check_log_dir_exists(self) -> None:
         """Keep what is there: rows go after it (a header that grows is rewritten with it)."""

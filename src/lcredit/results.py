@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 from lcredit.diagnostics.protocol import finite
+from lcredit.files import atomic_write
 
 
 def write_json(path: Path, obj) -> None:
     """Atomic write; non-finite floats become null (valid JSON) rather than NaN tokens."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(finite(obj), indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(finite(obj), indent=2))
 
 
 def read_json(path: Path) -> dict | None:

@@ -27,8 +27,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import lcredit
-from lcredit import baseline, config
+from lcredit import baseline, config, files
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
+from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
@@ -243,12 +244,14 @@ def wandb_run_info(cfg, node, rule) -> dict:
             "tags": sorted(set(tags)), "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
-def _cluster_plugins():
-    """Under SLURM, Lightning's own SIGUSR1 requeue would race submitit's (which requeues the
-    job, while lcredit saves the checkpoint it resumes from): Lightning's is turned off."""
+def _plugins():
+    """Checkpoints written whole or not at all (lcredit.files). Under SLURM, Lightning's own
+    SIGUSR1 requeue would race submitit's (which requeues the job, while lcredit saves the
+    checkpoint it resumes from): Lightning's is turned off."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    return [AtomicCheckpointIO(),
+            *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])]
 
 
 def _callbacks(cfg, progress_bar: bool):
@@ -420,7 +423,13 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     if auto:
         config.writable_dir(cfg.paths.cache_dir, "paths.cache_dir")
     out_dir = config.writable_dir(cfg.paths.output_dir, "paths.output_dir")
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:  # the room for a failure record, taken before anything else is written
+        files.reserve(out_dir)
+        files.atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as err:
+        files.release(out_dir)
+        raise ConfigError(f"paths.output_dir={out_dir}: cannot write there "
+                          f"({err.strerror or err})") from None
 
     try:
         if auto:  # training it here (when not cached) must not move this run's random streams
@@ -443,7 +452,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt, rule),
                                 callbacks=callbacks, default_root_dir=str(out_dir),
                                 num_sanity_val_steps=0, enable_model_summary=False,
-                                plugins=_cluster_plugins())
+                                plugins=_plugins())
             signum = None  # a signal after the last batch: the run completed all the same
             try:
                 trainer.fit(rule, train_dataloaders=train_batches,
@@ -455,19 +464,19 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
                 signum = signals["signum"]
     except SystemExit as err:
         if err.code in {128 + s for s in STOP_SIGNALS}:  # the frozen baseline's run
-            write_json(out_dir / "results.json", failure_record(cfg, err, rule, start) | {
+            final_record(out_dir, failure_record(cfg, err, rule, start) | {
                 "status": "interrupted", "error": None,
                 "interrupted": {"signal": signal.Signals(err.code - 128).name, "epochs_done": 0,
                                 "while": "training the frozen baseline"}})
         else:
-            write_json(out_dir / "results.json", failure_record(cfg, err, rule, start))
+            final_record(out_dir, failure_record(cfg, err, rule, start))
         raise
     except BaseException as err:
-        write_json(out_dir / "results.json", failure_record(cfg, err, rule, start))
+        final_record(out_dir, failure_record(cfg, err, rule, start))
         raise
     results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
                          interrupted=signum)
-    write_json(out_dir / "results.json", results)
+    final_record(out_dir, results)
     wandb_summary(trainer, results)
     print_summary(results, out_dir)
     report = results["protocol"]
@@ -599,6 +608,21 @@ def study_record(cfg) -> dict | None:
             "job": study.get("job")}
 
 
+def final_record(out_dir: Path, record: dict) -> None:
+    """The run's results.json, written into the room its reserve kept (a full disk still gets
+    its failure record); a record that cannot be written is said on stderr, never lost
+    silently."""
+    files.release(out_dir)
+    try:
+        write_json(out_dir / "results.json", record)
+    except OSError as err:
+        print(f"lcredit: error: {out_dir / 'results.json'}: cannot write the run's record "
+              f"({err.strerror or err}); status {record.get('status')}: "
+              f"{record.get('error') or ''}", file=sys.stderr, flush=True)
+        if record.get("status") == "completed":
+            raise
+
+
 def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
     """results.json of a run that failed: the error and what it had done so far."""
     try:
@@ -662,6 +686,13 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(2) from None
         _record_failure(cfg, err)
     except Exception as err:  # noqa: BLE001 — one failed job must not end a sweep
+        if files.is_disk_full(err):  # the record is written; a traceback would tell nothing more
+            print(f"lcredit: error: {cfg.paths.output_dir}: no space left on the device; the run "
+                  f"is recorded as failed and its last checkpoint is intact", file=sys.stderr)
+            if not multirun:
+                raise SystemExit(1) from None
+            _record_failure(cfg, err)
+            return
         if not multirun:
             raise
         log.exception("job failed; the sweep carries on")
