@@ -202,6 +202,10 @@ BAD = [  # (overrides, key the message must name)
     (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches"),
     (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches"),
     (["trainer.limit_train_batches=nan"], "trainer.limit_train_batches"),
+    # nan passes every range check, and was saved as null: refused under any key
+    (["data.alpha=nan"], "data.alpha"), (["block_grad_clip=nan"], "block_grad_clip"),
+    (["method.penalty_lam=inf"], "method.penalty_lam"), (["optim.lr=nan"], "optim.lr"),
+    (["protocol.measure.rho_eps=nan"], "protocol.measure.rho_eps"),
 ]
 
 
@@ -246,6 +250,20 @@ def test_corrupt_fashion_mnist_files_fail_in_one_line(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="fashion_mnist") as err:
         train(cfg)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("module,args,key", [
+    ("lcredit.exploit", ["ckpt=/no/such.ckpt", "step_sizes=[0.1,nan]"], "step_sizes[1]"),
+    ("lcredit.exploit", ["ckpt=/no/such.ckpt", "seed=-1"], "seed"),
+    ("lcredit.probe", ["ckpt=/no/such.ckpt", "steps=nan"], "steps"),
+    ("lcredit.audit", ["ckpt=/no/such.ckpt", "thresholds.a=inf"], "thresholds.a"),
+    ("lcredit.audit", ["ckpt=/no/such.ckpt", "thresholds.a=-5"], "thresholds.a")])
+def test_the_tools_refuse_non_finite_numbers_in_one_line(tmp_path, module, args, key):
+    proc = cli(*args, f"hydra.run.dir={tmp_path}/r", cwd=tmp_path, module=module)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and key in lines[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

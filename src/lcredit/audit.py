@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lcredit import baseline
+from lcredit import baseline, config
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
@@ -65,6 +65,9 @@ def restore(ckpt: dict, data_root=None):
 
 
 def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> Report:
+    thresholds = {k: v for k, v in dict(thresholds or {}).items() if v is not None}
+    if thresholds:  # the ranges train() holds them to
+        config.validate_protocol(OmegaConf.create({"thresholds": thresholds}))
     ckpt = load_checkpoint(ckpt_path)
     rule, task, cfg = restore(ckpt, data_root)
     p = cfg.protocol
@@ -81,7 +84,7 @@ def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> R
     eval_b, stab_b, rho_b = evaluation_batches(
         task.x_train, task.y_train, int(p.eval_batches), int(p.stability_batches),
         int(p.batch_size), int(p.seed), int(measure.get("rho_samples", 0)))
-    th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | dict(thresholds or {})
+    th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | thresholds
     # first_fired from the run: the audit of the last state must not forget earlier firings.
     first = (ckpt["lcredit"].get("protocol_state") or {}).get("first_fired")
     return diagnose(None, eval_b, credit=rule, headline_acc=headline,
@@ -102,7 +105,9 @@ def main(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError("ckpt is required: python -m lcredit.audit "
                               "ckpt=<run dir>/checkpoints/last.ckpt")
-        report = audit(cfg.ckpt, thresholds=cfg.thresholds, frozen_baseline=cfg.frozen_baseline,
+        config.finite(cfg)
+        report = audit(cfg.ckpt, thresholds=OmegaConf.to_container(cfg.thresholds),
+                       frozen_baseline=cfg.frozen_baseline,
                        data_root=cfg.data_root)
     except ConfigError as err:
         print(f"lcredit.audit: error: {err}", file=sys.stderr)

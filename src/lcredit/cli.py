@@ -53,6 +53,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     default the checkpoint's run directory (``<tool>-2.json``, ... where those exist)."""
     from omegaconf import OmegaConf
 
+    from lcredit.config import finite
     from lcredit.errors import ConfigError
     from lcredit.files import atomic_write
     from lcredit.results import write_json
@@ -60,6 +61,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     try:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
+        finite(cfg)
         result = compute()
     except ConfigError as err:
         print(f"lcredit.{tool}: error: {err}", file=sys.stderr)

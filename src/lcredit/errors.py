@@ -1,4 +1,5 @@
 """The one exception type for bad user input: caught by the entry points and shown as one line."""
+import math
 
 
 class ConfigError(ValueError):
@@ -22,9 +23,24 @@ def check_range(key: str, value, lo=None, hi=None, *, lo_open=False, integer=Fal
     ``lo_open``); anything else is a ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}={value!r} must be a {'whole ' if integer else ''}number")
+    if not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     if integer and not float(value).is_integer():
         raise ConfigError(f"{key}={value!r} must be a whole number")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
         raise ConfigError(f"{key}={value!r} must be <= {hi}")
+
+
+def check_finite(node, prefix: str = "") -> None:
+    """Every number in a (resolved) config is finite: a nan or inf under any key is refused,
+    naming the key (a nan passes any range check; saved as null, it would hide what ran)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_finite(v, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_finite(v, f"{prefix[:-1]}[{i}].")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix[:-1]}={node!r} must be a finite number")
