@@ -515,6 +515,35 @@ def test_a_full_disk_ends_the_cli_run_with_one_line_and_writes_nothing(tmp_path)
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
 
 
+# ---------------------------------------------------------------- 9c. one process per directory
+def test_a_second_process_on_a_live_run_directory_stops_before_writing(make_cfg, tmp_path):
+    """Two processes on one run directory (a command run twice, a sweep relaunched while it
+    runs): the second one auto-resumed the first's live checkpoint and both appended to
+    metrics.csv. Now it stops with one line naming the holder; once the holder is dead (even
+    killed, its lock never released by hand) the directory is free again."""
+    from lcredit.errors import DirectoryBusy
+    cfg = make_cfg("method=dfa", *TINY, "trainer.max_epochs=1")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lcredit.files import RunLock\n"
+         f"with RunLock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(300)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DirectoryBusy) as err:
+            train(cfg)
+        msg = str(err.value)
+        assert f"pid {holder.pid}" in msg and "paths.output_dir" in msg and "\n" not in msg, msg
+        assert sorted(p.name for p in out.iterdir()) == [".lcredit-lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    r = train(cfg)  # the dead holder's lock is gone with it
+    assert r["status"] == "completed"
+    assert not (out / ".lcredit-lock").exists() and not (out / ".lcredit-reserve").exists()
+
+
 # ---------------------------------------------------------------- 10. small things
 def test_resuming_into_the_same_directory_appends_to_metrics_csv(make_cfg):
     """The first segment's rows stay; rows of a partial epoch after the checkpoint (an

@@ -21,7 +21,7 @@ from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import quote_path_overrides
 from lcredit.config import read_checkpoint
-from lcredit.errors import ConfigError
+from lcredit.errors import ConfigError, check_config_finite
 from lcredit.files import atomic_write
 from lcredit.results import write_json
 from lcredit.train import CONF_DIR, build_rule, fit_task
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError("ckpt is required: python -m lcredit.audit "
                               "ckpt=<run dir>/checkpoints/last.ckpt")
-        config.finite(cfg)
+        check_config_finite(cfg)
         report = audit(cfg.ckpt, thresholds=OmegaConf.to_container(cfg.thresholds),
                        frozen_baseline=cfg.frozen_baseline,
                        data_root=cfg.data_root)

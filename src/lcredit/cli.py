@@ -53,15 +53,13 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     default the checkpoint's run directory (``<tool>-2.json``, ... where those exist)."""
     from omegaconf import OmegaConf
 
-    from lcredit.config import finite
-    from lcredit.errors import ConfigError
-    from lcredit.files import atomic_write
-    from lcredit.results import write_json
+    from lcredit.errors import ConfigError, check_config_finite
+    from lcredit.results import write_json, write_text
 
     try:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
-        finite(cfg)
+        check_config_finite(cfg)
         result = compute()
     except ConfigError as err:
         print(f"lcredit.{tool}: error: {err}", file=sys.stderr)
@@ -71,7 +69,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     path = free_path(out, tool)
     write_json(path, result)
     text = to_markdown(result)
-    atomic_write(path.with_suffix(".md"), text)
+    write_text(path.with_suffix(".md"), text)
     print(text)
     print(f"{tool}: {path}")
 

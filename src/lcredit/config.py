@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lcredit.errors import ConfigError, check_finite, check_range
+from lcredit.errors import ConfigError, check_config_finite, check_range
 
 # What a resumed run may change: how long it trains, how it logs, where it writes, and how the
 # protocol watches it. Everything else (model, method, data, seed, optimiser, precision, ...)
@@ -38,7 +38,7 @@ def _num(key: str, value, lo=None, hi=None, *, lo_open=False, integer=False):
 def validate(cfg: DictConfig) -> None:
     """The run-level options (seed, optimiser, trainer length, protocol) are usable, and no
     number anywhere in the config is nan or infinite."""
-    finite(cfg)
+    check_config_finite(cfg)
     _num("seed", _get(cfg, "seed"), 0, integer=True)
     optim = cfg.get("optim")
     if optim:
@@ -68,22 +68,6 @@ def validate(cfg: DictConfig) -> None:
     if protocol:
         validate_protocol(protocol)
     validate_study(cfg)
-
-
-def finite(cfg) -> None:
-    """check_finite over the resolved config (an interpolation that cannot resolve is left to
-    the check that reads its key)."""
-    if not OmegaConf.is_config(cfg):
-        return check_finite(cfg)
-    # the keys as written first (the message names the key the user set, not a copy of it
-    # made by an interpolation), then what interpolations resolve to
-    check_finite({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
-                  if k != "hydra"})
-    try:
-        node = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 — omegaconf's resolution errors vary by version
-        return
-    check_finite({k: v for k, v in node.items() if k != "hydra"})
 
 
 def validate_study(cfg: DictConfig) -> None:

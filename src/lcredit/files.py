@@ -6,6 +6,10 @@ Lightning's own checkpoint writer stages the file in the system's temporary dire
 that is another filesystem, *copies* it over the old checkpoint, truncating it first; runs save
 through ``lcredit.callbacks.checkpoint_io.AtomicCheckpointIO`` instead.
 
+One process writes into a run directory at a time: :class:`RunLock` holds an exclusive lock on
+``<dir>/.lcredit-lock`` for the run's life (the kernel drops it when the process ends, however
+it ends, so a dead process's lock is free at once) and names its holder to whoever else tries.
+
 A run also keeps a small reserve file in its directory from its start: when the disk fills, the
 reserve is given back so that the failure record (results.json) can still be written.
 """
@@ -13,10 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
+import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+from lcredit.errors import DirectoryBusy
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no lock (lcredit's clusters are Linux)
+    fcntl = None
 
 RESERVE_NAME = ".lcredit-reserve"
 RESERVE_BYTES = 256 * 1024  # a failure record is a few kB; a metrics row or two besides
@@ -76,3 +89,50 @@ def reserve(directory: Path) -> Path:
 def release(directory: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path(directory) / RESERVE_NAME)
+
+
+LOCK_NAME = ".lcredit-lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory for a ``with`` block. A directory
+    held by another live process is a DirectoryBusy (a ConfigError) naming it (pid, host,
+    since when)."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_NAME
+        self.fd = None
+
+    def __enter__(self):
+        if fcntl is None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            try:
+                holder = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            since = holder.get("since")
+            raise DirectoryBusy(
+                f"paths.output_dir={self.path.parent}: another process is running there (pid "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since)) if since else '?'}); "
+                f"wait for it to end, or give the run another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.time()}).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)  # releases the lock
+            self.fd = None

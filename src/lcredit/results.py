@@ -14,6 +14,11 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(finite(obj), indent=2))
 
 
+def write_text(path: Path, text: str) -> None:
+    """A report's text, written atomically like results."""
+    atomic_write(path, text)
+
+
 def read_json(path: Path) -> dict | None:
     """A results file, or None when it is missing or unreadable (a job that never finished)."""
     try:

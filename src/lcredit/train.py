@@ -34,7 +34,7 @@ from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_
 from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
 from lcredit.cli import job_dirname, quote_path_overrides
-from lcredit.errors import ConfigError, check_range
+from lcredit.errors import ConfigError, DirectoryBusy, check_range
 from lcredit.models.base import compile_mode
 
 log = logging.getLogger("lcredit")
@@ -423,69 +423,71 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     if auto:
         config.writable_dir(cfg.paths.cache_dir, "paths.cache_dir")
     out_dir = config.writable_dir(cfg.paths.output_dir, "paths.output_dir")
-    try:  # the room for a failure record, taken before anything else is written
-        files.reserve(out_dir)
-        files.atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    except OSError as err:
-        files.release(out_dir)
-        raise ConfigError(f"paths.output_dir={out_dir}: cannot write there "
-                          f"({err.strerror or err})") from None
+    # one process per run directory: a second one on it stops here, before it writes anything
+    with files.RunLock(out_dir):
+        try:  # the room for a failure record, taken before anything else is written
+            files.reserve(out_dir)
+            files.atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        except OSError as err:
+            files.release(out_dir)
+            raise ConfigError(f"paths.output_dir={out_dir}: cannot write there "
+                              f"({err.strerror or err})") from None
 
-    try:
-        if auto:  # training it here (when not cached) must not move this run's random streams
-            with preserved_rng():
-                frozen_baseline = baseline.resolve(cfg, train)
-        rule.frozen_baseline = frozen_baseline
+        try:
+            if auto:  # training it here (when not cached) must not move this run's random streams
+                with preserved_rng():
+                    frozen_baseline = baseline.resolve(cfg, train)
+            rule.frozen_baseline = frozen_baseline
 
-        train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
-                                      seed=int(cfg.seed), random_targets=bcfg["random_targets"],
-                                      num_classes=task.num_classes, resample=task.resample)
-        test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"],
-                                     shuffle=False)
-        monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
-        if monitor is not None:
-            monitor.frozen_baseline = frozen_baseline
-        if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
-            callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
-        with stop_on_signals() as signals:
-            callbacks.append(SignalStop(signals))
-            trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt, rule),
-                                callbacks=callbacks, default_root_dir=str(out_dir),
-                                num_sanity_val_steps=0, enable_model_summary=False,
-                                plugins=_plugins())
-            signum = None  # a signal after the last batch: the run completed all the same
-            try:
-                trainer.fit(rule, train_dataloaders=train_batches,
-                            val_dataloaders=test_batches, ckpt_path=resume)
-            except (Interrupted, SystemExit, KeyboardInterrupt):
-                # ours between batches; Lightning's SIGTERMException or sys.exit on a 2nd ^C
-                if signals["signum"] is None:
-                    raise
-                signum = signals["signum"]
-    except SystemExit as err:
-        if err.code in {128 + s for s in STOP_SIGNALS}:  # the frozen baseline's run
-            final_record(out_dir, failure_record(cfg, err, rule, start) | {
-                "status": "interrupted", "error": None,
-                "interrupted": {"signal": signal.Signals(err.code - 128).name, "epochs_done": 0,
-                                "while": "training the frozen baseline"}})
-        else:
+            train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
+                                          seed=int(cfg.seed), random_targets=bcfg["random_targets"],
+                                          num_classes=task.num_classes, resample=task.resample)
+            test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"],
+                                         shuffle=False)
+            monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
+            if monitor is not None:
+                monitor.frozen_baseline = frozen_baseline
+            if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
+                callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
+            with stop_on_signals() as signals:
+                callbacks.append(SignalStop(signals))
+                trainer = L.Trainer(**tcfg, logger=_loggers(cfg, resume_ckpt, rule),
+                                    callbacks=callbacks, default_root_dir=str(out_dir),
+                                    num_sanity_val_steps=0, enable_model_summary=False,
+                                    plugins=_plugins())
+                signum = None  # a signal after the last batch: the run completed all the same
+                try:
+                    trainer.fit(rule, train_dataloaders=train_batches,
+                                val_dataloaders=test_batches, ckpt_path=resume)
+                except (Interrupted, SystemExit, KeyboardInterrupt):
+                    # ours between batches; Lightning's SIGTERMException or sys.exit on a 2nd ^C
+                    if signals["signum"] is None:
+                        raise
+                    signum = signals["signum"]
+        except SystemExit as err:
+            if err.code in {128 + s for s in STOP_SIGNALS}:  # the frozen baseline's run
+                final_record(out_dir, failure_record(cfg, err, rule, start) | {
+                    "status": "interrupted", "error": None,
+                    "interrupted": {"signal": signal.Signals(err.code - 128).name, "epochs_done": 0,
+                                    "while": "training the frozen baseline"}})
+            else:
+                final_record(out_dir, failure_record(cfg, err, rule, start))
+            raise
+        except BaseException as err:
             final_record(out_dir, failure_record(cfg, err, rule, start))
-        raise
-    except BaseException as err:
-        final_record(out_dir, failure_record(cfg, err, rule, start))
-        raise
-    results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
-                         interrupted=signum)
-    final_record(out_dir, results)
-    wandb_summary(trainer, results)
-    print_summary(results, out_dir)
-    report = results["protocol"]
-    if report is not None and cfg.get("protocol", {}).get("print_report", True):
-        Report.from_dict(report).print()
-    if signum is not None:
-        hand_on(signals)
-        raise SystemExit(128 + signum)
-    return results
+            raise
+        results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
+                             interrupted=signum)
+        final_record(out_dir, results)
+        wandb_summary(trainer, results)
+        print_summary(results, out_dir)
+        report = results["protocol"]
+        if report is not None and cfg.get("protocol", {}).get("print_report", True):
+            Report.from_dict(report).print()
+        if signum is not None:
+            hand_on(signals)
+            raise SystemExit(128 + signum)
+        return results
 
 
 def _skip_completed(cfg) -> bool:
@@ -684,7 +686,8 @@ def main(cfg: DictConfig) -> None:
         print(f"lcredit: error: {err}", file=sys.stderr)
         if not multirun:
             raise SystemExit(2) from None
-        _record_failure(cfg, err)
+        if not isinstance(err, DirectoryBusy):  # never a record into a live run's directory
+            _record_failure(cfg, err)
     except Exception as err:  # noqa: BLE001 — one failed job must not end a sweep
         if files.is_disk_full(err):  # the record is written; a traceback would tell nothing more
             print(f"lcredit: error: {cfg.paths.output_dir}: no space left on the device; the run "
