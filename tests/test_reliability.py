@@ -266,6 +266,33 @@ def test_the_tools_refuse_non_finite_numbers_in_one_line(tmp_path, module, args,
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("module,args,key", [
+    ("lcredit.study", ["width", "scale=smoke", "arms="], "arms="),
+    ("lcredit.study", ["width", "scale=smoke", "seeds="], "seeds="),
+    ("lcredit.study", ["width", "scale=smoke", "trainer.max_epoch=3"], "trainer.max_epoch"),
+    ("lcredit.audit", ["ckpt=/no/such.ckpt", "out=/proc/q"], "out=/proc/q"),
+    ("lcredit.probe", ["ckpt=/no/such.ckpt", "out=/proc/q"], "out=/proc/q"),
+    ("lcredit.report", ["/no/such/dir"], "/no/such/dir")])
+def test_every_entry_point_says_a_mistake_in_one_line_and_exits_2(tmp_path, module, args, key):
+    """An empty arms= ran the whole study; a mistyped study override, an unwritable out= and
+    the report's own errors printed tracebacks or exited 1."""
+    proc = cli(*args, cwd=tmp_path, module=module)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and key in lines[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "studies").exists()  # no job ran
+
+
+def test_the_report_reads_a_results_file_that_is_not_a_record(tmp_path):
+    from lcredit.report import main
+    run = tmp_path / "sweep" / "defaults" / "seed=0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text("[1, 2]")
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "rep")]) == 0
+    assert "unreadable results.json" in next((tmp_path / "rep").glob("*.md")).read_text()
+
+
 @pytest.mark.slow
 def test_cli_mistakes_exit_2_with_one_error_line(tmp_path):
     # lcredit.train's: test_train's bad override (the same handler for every ConfigError, and

@@ -19,7 +19,7 @@ from lcredit import baseline, config
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
-from lcredit.cli import quote_path_overrides
+from lcredit.cli import free_path, quote_path_overrides
 from lcredit.config import read_checkpoint
 from lcredit.errors import ConfigError, check_config_finite
 from lcredit.files import atomic_write
@@ -106,6 +106,9 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("ckpt is required: python -m lcredit.audit "
                               "ckpt=<run dir>/checkpoints/last.ckpt")
         check_config_finite(cfg)
+        out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
+        if cfg.out:  # the run's own directory is checked when its checkpoint is read
+            config.writable_dir(out, "out")
         report = audit(cfg.ckpt, thresholds=OmegaConf.to_container(cfg.thresholds),
                        frozen_baseline=cfg.frozen_baseline,
                        data_root=cfg.data_root)
@@ -113,11 +116,11 @@ def main(cfg: DictConfig) -> None:
         print(f"lcredit.audit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     report.print()
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "audit.json", report.to_dict())
-    atomic_write(out / "audit.md", report.to_markdown() + "\n" + report.template())
-    print(f"audit: {out / 'audit.json'}")
+    path = free_path(out, "audit")  # like probe's and exploit's: never over an earlier audit
+    write_json(path, report.to_dict())
+    atomic_write(path.with_suffix(".md"), report.to_markdown() + "\n" + report.template())
+    print(f"audit: {path}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Command-line helpers shared by the entry points."""
 import sys
+import tempfile
 from pathlib import Path
 
 # Overrides whose values are file paths. Sweep directories contain '=' and ',', which Hydra's
@@ -60,12 +61,16 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
         check_config_finite(cfg)
+        out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
+        try:  # before the work: a result must not be lost for want of a place to put it
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as err:
+            raise ConfigError(f"out={out}: cannot write there ({err.strerror or err})") from None
         result = compute()
     except ConfigError as err:
         print(f"lcredit.{tool}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
-    out.mkdir(parents=True, exist_ok=True)
     path = free_path(out, tool)
     write_json(path, result)
     text = to_markdown(result)

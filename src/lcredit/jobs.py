@@ -10,7 +10,9 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lcredit.errors import ConfigError
 from lcredit.results import read_json
@@ -222,8 +224,12 @@ def compose_job(name: str, overrides: list[str]) -> DictConfig:
     from lcredit.train import CONF_DIR
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"experiment={name}", *overrides])
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=[f"experiment={name}", *overrides])
+    except (HydraException, OmegaConfBaseException) as err:  # a mistyped key or value
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{' '.join(overrides) or name}: {first}") from None
 
 
 class SourceFailed(RuntimeError):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcredit.errors import ConfigError
 from lcredit.results import read_json
 
 DIAGNOSTICS = {"a": "growth", "b": "grad_floor", "c": "stability", "d": "margin"}
@@ -41,13 +42,13 @@ def collect(dirs) -> dict[str, list[dict]]:
     studies: dict[str, list[dict]] = defaultdict(list)
     for d in map(Path, dirs):
         if not d.exists():
-            raise SystemExit(f"lcredit.report: error: {d}: no such directory")
+            raise ConfigError(f"{d}: no such directory")
         paths = [d] if d.is_file() else sorted(d.glob("**/results.json"))
         for path in paths:
             if d.is_dir() and "report" in path.relative_to(d).parts[:-1]:
                 continue
             rec = read_json(path)
-            if rec is None:
+            if not isinstance(rec, dict):  # unreadable, or JSON that is not a run's record
                 rec = {"status": "failed", "error": "unreadable results.json"}
             rec["_path"] = str(path)
             study = rec.get("study") or {}
@@ -58,7 +59,7 @@ def collect(dirs) -> dict[str, list[dict]]:
                 rec["study"] = study
             studies[study["name"]].append(rec)
     if not any(studies.values()):
-        raise SystemExit(f"lcredit.report: error: no results.json under {', '.join(map(str, dirs))}")
+        raise ConfigError(f"no results.json under {', '.join(map(str, dirs))}")
     return dict(studies)
 
 
@@ -708,7 +709,16 @@ def main(argv=None) -> int:
                     help="also upload the figures and tables to W&B (offline unless --wandb online)")
     ap.add_argument("--wandb-project", default="lcredit")
     args = ap.parse_args(argv)
-    for path in report(args.dirs, args.out, args.wandb, args.wandb_project):
+    try:
+        written = report(args.dirs, args.out, args.wandb, args.wandb_project)
+    except ConfigError as err:
+        print(f"lcredit.report: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output directory cannot be written
+        print(f"lcredit.report: error: {err.filename or args.out}: cannot write there "
+              f"({err.strerror or err})", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 

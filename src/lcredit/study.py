@@ -63,6 +63,11 @@ def run(name: str, scale: str = "paper", out: str | Path | None = None, override
     base = compose_job(name, [f"scale={scale}", *overrides])
     study = study_node(base)
     root = Path(out or Path("studies") / name / scale)
+    for key, given in (("arms", arms), ("seeds", seeds)):
+        if given is not None and not list(given):  # `arms=` is a slip, never "all of them"
+            raise ConfigError(f"{key}= is empty: name at least one (e.g. {key}="
+                              f"{'dfa,sb' if key == 'arms' else '0,1'}), or leave {key} out for "
+                              f"the study's own")
     jobs = expand(study, scale, seeds=seeds)
     if arms:
         unknown = sorted(set(arms) - {j.arm for j in jobs})
