@@ -230,6 +230,19 @@ def test_unreadable_resume_files_fail_in_one_line(make_cfg, tmp_path):
         assert "weights_only" not in msg
 
 
+def test_an_unreadable_checkpoint_found_by_auto_resume_says_how_to_start_afresh(make_cfg):
+    cfg = make_cfg("method=dfa", *TINY, "trainer.max_epochs=1")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(os.urandom(512))
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "last.ckpt" in msg and "auto_resume=false" in msg and "\n" not in msg, msg
+    fresh = train(make_cfg("method=dfa", *TINY, "trainer.max_epochs=1", "auto_resume=false"))
+    assert fresh["status"] == "completed"
+
+
 def test_unwritable_output_and_cache_dirs_fail_in_one_line(make_cfg, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -381,7 +381,14 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
         if last.is_file() and (prior is None or prior.get("status") == "interrupted"):
             resume = str(last)
             log.info("resuming the unfinished run in %s from %s", out_path, last)
-    resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
+    try:
+        resume_ckpt = config.read_checkpoint(resume, "resume") if resume is not None else None
+    except ConfigError as err:
+        if cfg.get("resume") is not None:
+            raise
+        # found by auto_resume, not named by the user: say how to start afresh
+        raise ConfigError(f"auto_resume: {err} — move it away, or run with auto_resume=false "
+                          f"to start afresh in {out_path}") from None
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     # lcredit's own trainer key (not Lightning's): compile the model's blocks (checked below)
     compile_as = tcfg.pop("compile", False)
