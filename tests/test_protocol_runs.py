@@ -94,6 +94,22 @@ def test_frozen_baseline_number_and_path(make_cfg, tmp_path):
     path = Path(frozen["output_dir"]) / "results.json"
     r = train(make_cfg(*common, f"protocol.frozen_baseline={path}", out="path"))
     assert r["frozen_baseline"]["final_acc"] == frozen["final"]["test_acc"]
+    assert r["frozen_baseline"]["check"] == "matched"
+    # a comparator of another run (here another seed and length; a digits run compared with a
+    # ladder baseline gave (d) = -20 pp) is refused, naming the fields ...
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(*common, f"protocol.frozen_baseline={path}", "seed=1",
+                       "trainer.max_epochs=2", out="other"))
+    assert "seed" in str(err.value) and "trainer.max_epochs" in str(err.value)
+    assert not (tmp_path / "other").exists()
+    # ... unless the user says so, and then the results say it was not checked
+    r2 = train(make_cfg(*common, f"protocol.frozen_baseline={path}", "seed=1",
+                        "protocol.frozen_baseline_check=false", out="unchecked"))
+    assert r2["frozen_baseline"]["check"] == "off"
+    assert r2["frozen_baseline"]["mismatched"] == ["seed"]
+    from lcredit.report import report
+    md = next(p for p in report([r2["output_dir"]], tmp_path / "rep") if p.suffix == ".md")
+    assert "not checked" in md.read_text() and "seed" in md.read_text()
     with pytest.raises(ConfigError, match="frozen_baseline"):
         train(make_cfg(*common, f"protocol.frozen_baseline={tmp_path}/nope.json", out="bad"))
     with pytest.raises(ConfigError, match="not a frozen-blocks run"):

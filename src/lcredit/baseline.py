@@ -43,6 +43,34 @@ def from_results(path: Path) -> dict:
             "history_acc": [r.get("test_acc") for r in results.get("history", [])]}
 
 
+# Where a frozen run given as a file may differ from the run it is compared with: where the
+# data lives, not what it is.
+MAY_DIFFER = {"data.root", "data.download"}
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def mismatches(frozen_config: dict, cfg: DictConfig) -> list[str]:
+    """The cache key's fields (task, model, optimiser, seed, the trainer's length and
+    precision) on which a frozen run's recorded config and this run's differ."""
+    ours = OmegaConf.to_container(cfg, resolve=True)
+
+    def key_part(c: dict) -> dict:
+        node = {k: c.get(k) for k in KEY_FIELDS}
+        node["trainer"] = {k: (c.get("trainer") or {}).get(k) for k in KEY_TRAINER}
+        return _flat(node)
+
+    a, b = key_part(frozen_config), key_part(ours)
+    return sorted(k for k in set(a) | set(b) if k not in MAY_DIFFER and a.get(k) != b.get(k))
+
+
 def cache_key(cfg: DictConfig) -> str:
     node = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
             else cfg[k] for k in KEY_FIELDS if k in cfg}
@@ -92,7 +120,25 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
         if not path.is_file():
             raise ConfigError(f"protocol.frozen_baseline={spec}: no such file (give a frozen "
                               f"run's results.json, a number, auto or null)")
-        return from_results(path)
+        found = from_results(path)
+        recorded = json.loads(path.read_text()).get("config")
+        if not cfg.get("protocol", {}).get("frozen_baseline_check", True):
+            return found | {"check": "off", "mismatched": (mismatches(recorded, cfg)
+                                                            if recorded else None)}
+        if not recorded:
+            raise ConfigError(f"protocol.frozen_baseline={path}: it records no config to check "
+                              f"against this run (protocol.frozen_baseline_check=false accepts "
+                              f"it unchecked)")
+        diffs = mismatches(recorded, cfg)
+        if diffs:
+            shown = "; ".join(f"{k}: {_flat(recorded).get(k)!r} there, "
+                              f"{_flat(OmegaConf.to_container(cfg, resolve=True)).get(k)!r} here"
+                              for k in diffs[:4])
+            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise ConfigError(f"protocol.frozen_baseline={path} is not this run's comparator "
+                              f"({shown}{more}); give the frozen run of this task, model, seed "
+                              f"and epochs, or protocol.frozen_baseline_check=false")
+        return found | {"check": "matched"}
     if is_frozen(cfg):
         return {"source": "self", "final_acc": None, "history_acc": None}
     from filelock import FileLock

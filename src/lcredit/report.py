@@ -598,6 +598,12 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
         text += [f"Question: {study['question']}", ""]
     text += [f"Scale: {', '.join(scales)}. {len(records)} job(s) from "
              f"{len({str(Path(r['_path']).parent) for r in records})} result files.", ""]
+    unchecked = [r for r in records if (r.get("frozen_baseline") or {}).get("check") == "off"]
+    if unchecked:  # (d) against a comparator nobody matched to its run
+        fields = sorted({k for r in unchecked for k in r["frozen_baseline"].get("mismatched") or []})
+        text += [f"Note: {len(unchecked)} run(s) compared with a frozen baseline that was not "
+                 f"checked against them (protocol.frozen_baseline_check=false; mismatched: "
+                 f"{', '.join(fields) or 'unknown'}): their (d) may compare different runs.", ""]
     written = []
     train = kinds.pop("train", [])
     if train:
