@@ -297,6 +297,22 @@ def test_every_entry_point_says_a_mistake_in_one_line_and_exits_2(tmp_path, modu
     assert not (tmp_path / "studies").exists()  # no job ran
 
 
+def test_the_report_never_pools_different_runs_under_one_name(make_cfg, tmp_path):
+    """Two sweeps' defaults/seed=0 (one dfa, one bp) under one directory were one arm, n = 2,
+    mean ± std across two rules."""
+    from lcredit.report import collect, main
+    for rule in ("dfa", "bp"):
+        cfg = make_cfg(f"method={rule}", *TINY, "trainer.max_epochs=1",
+                       out=f"all/{rule}_sweep/defaults/seed_0")
+        train(cfg)
+    (records,) = collect([tmp_path / "all"]).values()
+    arms = sorted(r["study"]["arm"] for r in records)
+    assert arms == ["defaults [bp]", "defaults [dfa]"], arms
+    assert main([str(tmp_path / "all"), "--out", str(tmp_path / "rep")]) == 0
+    md = next((tmp_path / "rep").glob("*.md")).read_text()
+    assert "defaults [bp]" in md and "defaults [dfa]" in md and "separate rows" in md
+
+
 def test_the_report_reads_a_results_file_that_is_not_a_record(tmp_path):
     from lcredit.report import main
     run = tmp_path / "sweep" / "defaults" / "seed=0"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import math
 import sys
 from collections import defaultdict
@@ -60,7 +62,42 @@ def collect(dirs) -> dict[str, list[dict]]:
             studies[study["name"]].append(rec)
     if not any(studies.values()):
         raise ConfigError(f"no results.json under {', '.join(map(str, dirs))}")
+    for records in studies.values():
+        split_by_what_ran(records)
     return dict(studies)
+
+
+def what_ran(rec: dict) -> str:
+    """What a run is, from its own record (its seed aside): rule, form, model, data, optimiser,
+    length and study point. Runs filed under one name that differ here are different arms."""
+    c = rec.get("config") or {}
+    return json.dumps({"rule": rec.get("rule"), "form": rec.get("form"), "method": c.get("method"),
+                       "model": c.get("model"), "data": c.get("data"), "optim": c.get("optim"),
+                       "epochs": (c.get("trainer") or {}).get("max_epochs"),
+                       "point": (rec.get("study") or {}).get("point")}, sort_keys=True, default=str)
+
+
+def split_by_what_ran(records: list[dict]) -> None:
+    """An arm is the set of runs that ran the same thing, never a directory name: records
+    under one job name (two sweeps' ``defaults/seed=0``) that differ are relabelled
+    ``<job> [<rule>]`` (or ``[#<hash>]`` when the rule is the same) and marked for the note."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("config"):  # a failure record without a config cannot be told apart
+            s = r["study"]
+            groups[(s.get("stage", "main"), s.get("job") or s.get("arm"))].append(r)
+    for (_, job), recs in groups.items():
+        kinds = {what_ran(r) for r in recs}
+        if len(kinds) < 2:
+            continue
+        rules = {what_ran(r): r.get("rule") for r in recs}
+        by_rule = len(set(rules.values())) == len(kinds)
+        for r in recs:
+            key = what_ran(r)
+            tag = rules[key] if by_rule else "#" + hashlib.sha1(key.encode()).hexdigest()[:6]
+            s = r["study"]
+            r["study"] = dict(s, job=f"{job} [{tag}]", arm=f"{s.get('arm')} [{tag}]")
+            r["_split_from"] = job
 
 
 def study_config(records: list[dict]) -> dict:
@@ -598,6 +635,10 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
         text += [f"Question: {study['question']}", ""]
     text += [f"Scale: {', '.join(scales)}. {len(records)} job(s) from "
              f"{len({str(Path(r['_path']).parent) for r in records})} result files.", ""]
+    split = sorted({r["_split_from"] for r in records if r.get("_split_from")})
+    if split:
+        text += [f"Note: runs filed under one name ran different things and are separate rows: "
+                 f"{', '.join(split)} (the bracket names the rule, or a hash of what differs).", ""]
     unchecked = [r for r in records if (r.get("frozen_baseline") or {}).get("check") == "off"]
     if unchecked:  # (d) against a comparator nobody matched to its run
         fields = sorted({k for r in unchecked for k in r["frozen_baseline"].get("mismatched") or []})
