@@ -197,6 +197,10 @@ BAD = [  # (overrides, key the message must name)
     (["+trainer.check_val_every_n_epoch=2"], "trainer.check_val_every_n_epoch"),
     (["protocol.frozen_baseline=1.5"], "protocol.frozen_baseline"),
     (["protocol.frozen_baseline=/no/such/results.json"], "protocol.frozen_baseline"),
+    # a key nothing reads (a typo, or behind +) was silently accepted
+    (["+protocol.abort.enable=false"], "protocol.abort.enable"),
+    (["+protocol.thresholdz.a=5"], "protocol.thresholdz"), (["+foo=1"], "foo"),
+    (["+paths.outputdir=x"], "paths.outputdir"),
     # a run that would train nothing and call itself completed
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
     (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches"),

@@ -6,6 +6,7 @@ Lightning, never a run that silently does something else.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import tempfile
 from pathlib import Path
@@ -35,9 +36,47 @@ def _num(key: str, value, lo=None, hi=None, *, lo_open=False, integer=False):
         raise ConfigError(f"{key}={value!r} must be a finite number")
 
 
+CONF = Path(__file__).resolve().parent / "conf"
+GROUPS = {"method", "model", "data", "trainer", "logger", "callbacks", "protocol", "hydra",
+          "optim", "experiment", "debug"}
+
+
+def _keys(node) -> dict:
+    """A yaml node's key tree: {key: subtree or None for a leaf}."""
+    return {k: _keys(v) if isinstance(v, dict) else None for k, v in node.items()}
+
+
+def known_keys() -> dict:
+    """The keys lcredit's run config may hold outside the instantiated groups (whose keys
+    their classes' signatures check when built): the top level and the protocol and paths
+    nodes, read from the yaml that defines them."""
+    base = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
+    base.pop("defaults", None)
+    top = _keys(base) | {g: None for g in GROUPS}
+    top["protocol"] = _keys(OmegaConf.to_container(OmegaConf.load(CONF / "protocol" /
+                                                                  "default.yaml")))
+    top["study"] = None  # a study's node is its own (lcredit.jobs reads it)
+    top["arm"] = None    # `arm=<arm>` with experiment=<study>: one job of it
+    return top
+
+
+def check_keys(node, known: dict, prefix: str = "") -> None:
+    """Every key of ``node`` is one ``known`` has (where known has a subtree): a typo or a
+    ``+key`` that nothing reads is refused, naming the nearest known key."""
+    for k, v in node.items():
+        if k not in known:
+            near = difflib.get_close_matches(str(k), [str(x) for x in known], n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else \
+                f"; the keys here: {', '.join(sorted(map(str, known)))}"
+            raise ConfigError(f"{prefix}{k}: no such option (nothing reads it){hint}")
+        if isinstance(known[k], dict) and isinstance(v, dict) and known[k]:
+            check_keys(v, known[k], f"{prefix}{k}.")
+
+
 def validate(cfg: DictConfig) -> None:
-    """The run-level options (seed, optimiser, trainer length, protocol) are usable, and no
-    number anywhere in the config is nan or infinite."""
+    """The run-level options (seed, optimiser, trainer length, protocol) are usable, every key
+    is one lcredit reads, and no number anywhere in the config is nan or infinite."""
+    check_keys(OmegaConf.to_container(cfg, resolve=False), known_keys())
     check_config_finite(cfg)
     _num("seed", _get(cfg, "seed"), 0, integer=True)
     optim = cfg.get("optim")
