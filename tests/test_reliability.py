@@ -201,6 +201,8 @@ BAD = [  # (overrides, key the message must name)
     (["+protocol.abort.enable=false"], "protocol.abort.enable"),
     (["+protocol.thresholdz.a=5"], "protocol.thresholdz"), (["+foo=1"], "foo"),
     (["+paths.outputdir=x"], "paths.outputdir"),
+    (["+optim.lrr=1e-3"], "optim.lr?"), (["+trainer.max_epoch=3"], "trainer.max_epochs?"),
+    (["+method.penalty_lamb=1"], "method.penalty_lam?"), (["+model.depht=3"], "model.depth?"),
     # a run that would train nothing and call itself completed
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches"),
     (["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches"),

@@ -124,7 +124,13 @@ def build_rule(cfg: DictConfig, task):
                                num_classes=task.num_classes)
     if task.check_model is not None:
         task.check_model(model)
-    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
+    optimizer = None
+    if cfg.get("optim"):
+        if "_target_" not in cfg.optim:
+            raise ConfigError("optim: no _target_ (choose one with optim=<name>)")
+        opts = {k: v for k, v in cfg.optim.items() if not str(k).startswith("_")}
+        check_kwargs(get_class(cfg.optim._target_).__init__, opts, "optim")
+        optimizer = instantiate(cfg.optim)
     rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
                               num_classes=task.num_classes, optimizer=optimizer)
     rule.loss_kind, rule.costate = task.loss, task.costate

@@ -3,6 +3,7 @@
 Datasets here are small enough to live on the device in full, which removes the DataLoader
 (and its ~1 ms/step of worker and collation overhead) from the training loop.
 """
+import difflib
 import inspect
 import math
 import dataclasses
@@ -137,9 +138,11 @@ def check_kwargs(fn, kwargs: dict, group: str) -> None:
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         known = sorted(k for k in params if k not in ("self", "input_shape", "num_classes", "model"))
+        near = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "; ".join(f"did you mean {group}.{m[0]}?" for m in near.values() if m)
         raise ConfigError(
             f"{group}: unknown option(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
-            f"known options: {', '.join(known)}"
+            + (f"{hint} " if hint else "") + f"known options: {', '.join(known)}"
         )
 
 
