@@ -291,7 +291,10 @@ def test_the_tools_refuse_non_finite_numbers_in_one_line(tmp_path, module, args,
     ("lcredit.study", ["width", "scale=smoke", "trainer.max_epoch=3"], "trainer.max_epoch"),
     ("lcredit.audit", ["ckpt=/no/such.ckpt", "out=/proc/q"], "out=/proc/q"),
     ("lcredit.probe", ["ckpt=/no/such.ckpt", "out=/proc/q"], "out=/proc/q"),
-    ("lcredit.report", ["/no/such/dir"], "/no/such/dir")])
+    ("lcredit.report", ["/no/such/dir"], "/no/such/dir"),
+    ("lcredit.train", ["hydra.run.dir=/proc/x"], "hydra.run.dir=/proc/x"),
+    ("lcredit.train", ["hydra.sweep.dir=/proc/x", "seed=0,1", "-m"], "hydra.sweep.dir=/proc/x"),
+    ("lcredit.audit", ["ckpt=/no/such.ckpt", "hydra.run.dir=/proc/x"], "hydra.run.dir")])
 def test_every_entry_point_says_a_mistake_in_one_line_and_exits_2(tmp_path, module, args, key):
     """An empty arms= ran the whole study; a mistyped study override, an unwritable out= and
     the report's own errors printed tracebacks or exited 1."""

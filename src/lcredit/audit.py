@@ -19,7 +19,7 @@ from lcredit import baseline, config
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
-from lcredit.cli import free_path, quote_path_overrides
+from lcredit.cli import check_hydra_dirs, free_path, quote_path_overrides
 from lcredit.config import read_checkpoint
 from lcredit.errors import ConfigError, check_config_finite
 from lcredit.files import atomic_write
@@ -125,4 +125,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quote_path_overrides()
+    check_hydra_dirs("lcredit.audit")
     main()

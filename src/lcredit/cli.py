@@ -22,6 +22,27 @@ def quote_path_overrides(argv=None) -> None:
             argv[i] = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def check_hydra_dirs(tool: str, argv=None) -> None:
+    """``hydra.run.dir=`` / ``hydra.sweep.dir=`` given on the command line is a directory this
+    process can write into, checked before Hydra makes it (Hydra's own failure there is a
+    traceback): otherwise one line and exit 2."""
+    argv = sys.argv if argv is None else argv
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        path = Path(value.strip("'\""))
+        if "$" in value:  # an interpolation: Hydra resolves it
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as err:
+            print(f"{tool}: error: {key}={path}: cannot write there ({err.strerror or err})",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def as_list(key: str, value) -> list:
     """A list option given as a list, or as one bare value (``rules=sb``, ``step_sizes=0.1``)."""
     from omegaconf import ListConfig, OmegaConf

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit.callbacks.protocol import evaluation_batches
-from lcredit.cli import as_list, quote_path_overrides, run_snapshot_tool
+from lcredit.cli import as_list, check_hydra_dirs, quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
 from lcredit.errors import ConfigError, check_range
@@ -162,4 +162,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quote_path_overrides()
+    check_hydra_dirs("lcredit.probe")
     main()

@@ -33,7 +33,7 @@ from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
 from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
-from lcredit.cli import job_dirname, quote_path_overrides
+from lcredit.cli import check_hydra_dirs, job_dirname, quote_path_overrides
 from lcredit.errors import ConfigError, DirectoryBusy, check_range
 from lcredit.models.base import compile_mode
 
@@ -730,6 +730,7 @@ def _record_failure(cfg: DictConfig, err: Exception) -> None:
 
 if __name__ == "__main__":
     quote_path_overrides()
+    check_hydra_dirs("lcredit")
     try:  # experiment=<study> arm=<arm>: one job of the study, as its sweep would run it
         from lcredit.jobs import single_job_argv
 
