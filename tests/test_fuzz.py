@@ -42,7 +42,16 @@ VALUES = st.one_of(st.integers(-2, 4), st.sampled_from([0.0, 0.5, 1e-3, -0.5, 1.
                                     "gated", "relative", "skip", "input", "batch", "eT_hL",
                                     "sweep", "gd", "displacement", "layerwise", "zero_target",
                                     "constant_input", "relu", "identity"]),
+                   st.sampled_from(["nan", "inf", "-inf"]),  # pass every range check
                    st.booleans())
+
+
+def typo(key: str, i: int) -> str:
+    """``key`` with its last part misspelt (a letter dropped, or a letter doubled)."""
+    head, _, last = key.rpartition(".")
+    j = i % len(last)
+    bad = last[:j] + last[j + 1:] if i % 2 else last[:j] + last[j] + last[j:]
+    return f"{head}.{bad}" if head else bad
 
 
 @st.composite
@@ -57,8 +66,13 @@ def runs(draw):
             + [f"data.{k}" for k in options("data", data) if k not in ("n_train", "n_test")]
             + GLOBAL)
     chosen = draw(st.lists(st.sampled_from(keys), min_size=1, max_size=2, unique=True))
+    extra = []
+    if draw(st.integers(0, 3)) == 0:  # a key nothing reads, added with +: never silently run
+        bad = typo(draw(st.sampled_from(keys)), draw(st.integers(0, 40)))
+        if bad not in keys and bad.split(".")[-1]:
+            extra = [f"+{bad}={draw(VALUES)}"]
     return [f"method={method}", f"model={model}", f"data={data}", *DATA[data]] + [
-        f"{k}={draw(VALUES)}" for k in chosen]
+        f"{k}={draw(VALUES)}" for k in chosen] + extra
 
 
 @pytest.mark.slow
@@ -78,6 +92,9 @@ def test_any_override_combination_runs_a_step_or_fails_in_one_line(tmp_path_fact
         assert msg and "\n" not in msg, (overrides, msg)
         event("one-line error")
         return
+    assert not any(o.startswith("+") for o in overrides), ("an unknown key ran", overrides)
+    assert not any(o.split("=", 1)[1] in ("nan", "inf", "-inf") for o in overrides), (
+        "a non-finite number ran", overrides)
     event("trained")
     assert results["status"] in ("completed", "aborted", "diverged"), (overrides, results["status"])
     assert results["final"]["epochs"] >= 1, overrides
