@@ -50,7 +50,7 @@ def typo(key: str, i: int) -> str:
     """``key`` with its last part misspelt (a letter dropped, or a letter doubled)."""
     head, _, last = key.rpartition(".")
     j = i % len(last)
-    bad = last[:j] + last[j + 1:] if i % 2 else last[:j] + last[j] + last[j:]
+    bad = last[:j] + last[j + 1:] if i % 2 and len(last) > 1 else last[:j] + last[j] + last[j:]
     return f"{head}.{bad}" if head else bad
 
 
@@ -98,3 +98,74 @@ def test_any_override_combination_runs_a_step_or_fails_in_one_line(tmp_path_fact
     event("trained")
     assert results["status"] in ("completed", "aborted", "diverged"), (overrides, results["status"])
     assert results["final"]["epochs"] >= 1, overrides
+
+
+# ---- the tools' arguments: probe, exploit and audit on one small checkpoint
+TOOL_VALUES = st.one_of(st.integers(-2, 3), st.sampled_from([0.0, 0.5, 1e-3, -0.5, 1.5]),
+                        st.sampled_from(["abc", "true", "null", "[1,2]", "[]", "nan", "inf",
+                                         "-inf", "own", "bp", "dfa", "sb", "last", "all",
+                                         "[0.1,nan]", "adam"]),
+                        st.booleans())
+TOOL_KEYS = {"probe": ["rules", "steps", "batch_size", "estimator_optim"],
+             "exploit": ["sources", "k", "blocks", "step_sizes", "batch_size", "fit_steps",
+                         "seed"],
+             "audit": ["thresholds.a", "thresholds.b", "thresholds.c", "thresholds.d",
+                       "frozen_baseline"]}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tool_fuzz")
+    r = train(compose_cfg(out / "run", "method=dfa", "data.n_train=256", "data.n_test=128",
+                          "model.d=16", "model.depth=2", "trainer.max_epochs=1",
+                          "protocol.measure.rho_samples=32", "protocol.measure.rho_directions=4",
+                          "protocol.measure.null_draws=2"))
+    return r["checkpoint"]
+
+
+@st.composite
+def tool_runs(draw):
+    tool = draw(st.sampled_from(sorted(TOOL_KEYS)))
+    keys = draw(st.lists(st.sampled_from(TOOL_KEYS[tool]), min_size=1, max_size=2, unique=True))
+    args = [f"{k}={draw(TOOL_VALUES)}" for k in keys]
+    if draw(st.integers(0, 3)) == 0:  # a key the tool does not have
+        args.append(f"+{typo(draw(st.sampled_from(TOOL_KEYS[tool])), draw(st.integers(0, 9)))}=1")
+    return tool, args
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(drawn=tool_runs())
+def test_any_tool_argument_combination_runs_or_fails_in_one_line(small_checkpoint,
+                                                                 tmp_path_factory, capsys,
+                                                                 drawn):
+    """Each tool either writes its result or says one `lcredit.<tool>: error:` line and exits
+    2; never a traceback, never a result from a nan, an inf or a key it does not have."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lcredit.train import CONF_DIR
+
+    tool, args = drawn
+    out = tmp_path_factory.mktemp("tool")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(tool, overrides=[f"ckpt={small_checkpoint}", f"out={out}", *args])
+    module = importlib.import_module(f"lcredit.{tool}")
+    capsys.readouterr()
+    try:
+        module.main.__wrapped__(cfg)
+    except SystemExit as exit_:
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if "error" in ln]
+        assert exit_.code == 2 and len(lines) == 1, (args, err[-1500:])
+        assert lines[0].startswith(f"lcredit.{tool}: error:"), (args, lines)
+        event("one-line error")
+        return
+    assert not any(a.startswith("+") for a in args), ("an unknown key ran", args)
+    assert not any(bad in a for a in args for bad in ("nan", "inf")), ("non-finite ran", args)
+    assert list(out.glob(f"{tool}*.json")), (args, "no result written")
+    event("ran")

@@ -8,7 +8,6 @@ perfect alignment of 1.0.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,11 +18,9 @@ from lcredit import baseline, config
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
-from lcredit.cli import check_hydra_dirs, free_path, quote_path_overrides
+from lcredit.cli import check_hydra_dirs, quote_path_overrides, run_snapshot_tool
 from lcredit.config import read_checkpoint
-from lcredit.errors import ConfigError, check_config_finite
-from lcredit.files import atomic_write
-from lcredit.results import write_json
+from lcredit.errors import ConfigError
 from lcredit.train import CONF_DIR, build_rule, fit_task
 
 
@@ -99,28 +96,19 @@ def _no_training(cfg):
                       "`python -m lcredit.train method=frozen ...`)")
 
 
+def to_markdown(result: dict) -> str:
+    report = Report.from_dict(result)
+    return report.to_markdown() + "\n" + report.template()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="audit")
 def main(cfg: DictConfig) -> None:
-    try:
-        if OmegaConf.is_missing(cfg, "ckpt"):
-            raise ConfigError("ckpt is required: python -m lcredit.audit "
-                              "ckpt=<run dir>/checkpoints/last.ckpt")
-        check_config_finite(cfg)
-        out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
-        if cfg.out:  # the run's own directory is checked when its checkpoint is read
-            config.writable_dir(out, "out")
-        report = audit(cfg.ckpt, thresholds=OmegaConf.to_container(cfg.thresholds),
-                       frozen_baseline=cfg.frozen_baseline,
-                       data_root=cfg.data_root)
-    except ConfigError as err:
-        print(f"lcredit.audit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    report.print()
-    out.mkdir(parents=True, exist_ok=True)
-    path = free_path(out, "audit")  # like probe's and exploit's: never over an earlier audit
-    write_json(path, report.to_dict())
-    atomic_write(path.with_suffix(".md"), report.to_markdown() + "\n" + report.template())
-    print(f"audit: {path}")
+    """One path with probe and exploit (lcredit.cli.run_snapshot_tool): the keys and numbers
+    checked, ``out`` checked before the work, ``audit.json`` (``audit-2.json``, ... beside
+    earlier ones) and ``audit.md``."""
+    run_snapshot_tool("audit", cfg, lambda: audit(
+        cfg.ckpt, thresholds=OmegaConf.to_container(cfg.thresholds),
+        frozen_baseline=cfg.frozen_baseline, data_root=cfg.data_root).to_dict(), to_markdown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Command-line helpers shared by the entry points."""
+import difflib
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +70,22 @@ def free_path(out: Path, tool: str) -> Path:
     return path
 
 
+def check_tool_keys(tool: str, cfg) -> None:
+    """Every key of a tool's config is one its yaml defines (``overrides`` and ``thresholds``
+    hold per-rule / per-diagnostic options, checked where they are used)."""
+    from omegaconf import OmegaConf
+
+    from lcredit.errors import ConfigError
+
+    known = set(OmegaConf.load(Path(__file__).resolve().parent / "conf" / f"{tool}.yaml"))
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(map(str, known - {"hydra",
+                                                                               "defaults"})), n=1)
+            raise ConfigError(f"{key}: no such option of lcredit.{tool}"
+                              + (f"; did you mean {near[0]}?" if near else ""))
+
+
 def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     """The shell of a tool that reads a checkpoint (probe, exploit): a bad input is one line
     and exit code 2; the result goes to ``<tool>.json`` and ``<tool>.md`` in ``cfg.out``, by
@@ -81,6 +98,7 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     try:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
+        check_tool_keys(tool, cfg)
         check_config_finite(cfg)
         out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent
         try:  # before the work: a result must not be lost for want of a place to put it
