@@ -276,11 +276,12 @@ WHY = {
     ("toy_lq", "cb", "nudge_all"): "as for sb.",
     ("vector_field_pilot", "vec_m8", "gamma_flat_all"): (
         "lcredit's vec is as good with M = 8 directions, or with one-sided differences, as with "
-        "M = 4 (one seed of the study's three run here, at 10-40 CPU-minutes each); the "
+        "M = 4 on every seed run here (column n; 10-40 CPU-minutes a run), with a spread of "
+        "0.002 between seeds; the "
         "original reports both about 0.08 lower than its M = 4, with a seed spread of ± 0.10 "
         "for M = 8, and lcredit's M = 4 is itself 0.04 above the original's. Whether the gap "
         "is a seed of the original's or a detail of its M = 8 and one-sided runs that the notes "
-        "leave open is not established; the other two seeds are `make reproduce`'s next runs."),
+        "leave open is not established; the missing seeds are `make reproduce`'s next runs."),
     ("vector_field_pilot", "vec_one_sided", "gamma_flat_all"): "as for vec_m8.",
     ("toy_lq", "sb", "costate_all"): (
         "the published sb and cb sit on the top costate p_L handed to every layer (the reference "
