@@ -172,7 +172,7 @@ def test_exploit_with_bp_credit_lowers_the_same_batch_loss(bp_snapshot):
     (exploit, {"batch_size": 10**6}, "batch_size=1000000: the task has"),
     (exploit, {"batch_size": 0}, "batch_size=0"),
     (exploit, {"step_sizes": []}, "step_sizes"),
-    (exploit, {"step_sizes": [0.1, -1.0]}, "step_sizes=-1.0"),
+    (exploit, {"step_sizes": [0.1, -1.0]}, "step_sizes[1]=-1.0"),
     (exploit, {"fit_steps": -1}, "fit_steps=-1"),
     (exploit, {"k": 1.5}, "k=1.5 must be a whole number"),
     (probe, {"rules": []}, "rules=[]"),

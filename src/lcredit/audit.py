@@ -14,13 +14,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lcredit import baseline, config
+from lcredit import baseline
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import check_hydra_dirs, quote_path_overrides, run_snapshot_tool
 from lcredit.config import read_checkpoint
+from lcredit.diagnostics.protocol import FrozenBaseline, check_thresholds
 from lcredit.errors import ConfigError
+from lcredit.options import checked
 from lcredit.train import CONF_DIR, build_rule, fit_task
 
 
@@ -61,10 +63,11 @@ def restore(ckpt: dict, data_root=None):
     return rule, task, cfg
 
 
-def audit(ckpt_path, thresholds=None, frozen_baseline=None, data_root=None) -> Report:
+@checked()
+def audit(ckpt_path, thresholds: dict | None = None, frozen_baseline: FrozenBaseline = None,
+          data_root: str | None = None) -> Report:
     thresholds = {k: v for k, v in dict(thresholds or {}).items() if v is not None}
-    if thresholds:  # the ranges train() holds them to
-        config.validate_protocol(OmegaConf.create({"thresholds": thresholds}))
+    check_thresholds(thresholds, "thresholds")  # the declaration train() holds them to
     ckpt = load_checkpoint(ckpt_path)
     rule, task, cfg = restore(ckpt, data_root)
     p = cfg.protocol

@@ -6,14 +6,15 @@ Lightning, never a run that silently does something else.
 """
 from __future__ import annotations
 
-import difflib
-import math
 import tempfile
 from pathlib import Path
+from typing import Annotated, Literal, TypedDict
 
 from omegaconf import DictConfig, OmegaConf
 
-from lcredit.errors import ConfigError, check_config_finite, check_range
+from lcredit.diagnostics.protocol import ProtocolOptions
+from lcredit.errors import ConfigError, check_config_finite
+from lcredit.options import Index, NonNegative, Positive, Range, Seed, check_options, unknown_key
 
 # What a resumed run may change: how long it trains, how it logs, where it writes, and how the
 # protocol watches it. Everything else (model, method, data, seed, optimiser, precision, ...)
@@ -26,14 +27,34 @@ RESUME_MAY_CHANGE = {
     "top": {"resume", "init_from", "paths", "logger", "callbacks", "protocol", "hydra", "tags",
             "debug", "experiment", "threads", "auto_resume", "skip_completed", "snapshot_epochs"},
 }
-THRESHOLD_RANGES = {"a": (0.0, None, True), "b": (0.0, None, False), "c": (-1.0, 1.0, False),
-                    "d": (None, None, False)}
 
 
-def _num(key: str, value, lo=None, hi=None, *, lo_open=False, integer=False):
-    check_range(key, value, lo, hi, lo_open=lo_open, integer=integer)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} must be a finite number")
+# The run's own options (conf/config.yaml) that are numbers or switches; the groups' options are
+# declared by the constructors they configure (lcredit.options).
+class RunOptions(TypedDict, total=False):
+    seed: Seed
+    snapshot_epochs: list[Index]
+    block_grad_clip: Positive | None
+    fixed_network: bool
+    lr_schedule: Literal["constant", "cosine"]
+    auto_resume: bool
+    skip_completed: bool | Literal["auto"]
+
+
+# What lcredit asks of Lightning's Trainer options beyond their types (which Lightning's
+# signature declares): a run that trains, and trains at least one batch.
+class TrainerLimits(TypedDict, total=False):
+    max_epochs: Annotated[int, Range(1)] | Literal[-1] | None
+    max_steps: Annotated[int, Range(1)] | Literal[-1]
+    limit_train_batches: (Annotated[int, Range(1)] | Annotated[float, Range(0.0, 1.0, lo_open=True)]
+                          | None)
+
+
+# ... and of an optimiser's (torch's signatures say float, not which floats).
+class OptimLimits(TypedDict, total=False):
+    lr: Positive
+    weight_decay: NonNegative
+    momentum: NonNegative
 
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -65,10 +86,7 @@ def check_keys(node, known: dict, prefix: str = "") -> None:
     ``+key`` that nothing reads is refused, naming the nearest known key."""
     for k, v in node.items():
         if k not in known:
-            near = difflib.get_close_matches(str(k), [str(x) for x in known], n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else \
-                f"; the keys here: {', '.join(sorted(map(str, known)))}"
-            raise ConfigError(f"{prefix}{k}: no such option (nothing reads it){hint}")
+            raise unknown_key(k, known, prefix, "no such option (nothing reads it)")
         if isinstance(known[k], dict) and isinstance(v, dict) and known[k]:
             check_keys(v, known[k], f"{prefix}{k}.")
 
@@ -78,31 +96,19 @@ def validate(cfg: DictConfig) -> None:
     is one lcredit reads, and no number anywhere in the config is nan or infinite."""
     check_keys(OmegaConf.to_container(cfg, resolve=False), known_keys())
     check_config_finite(cfg)
-    _num("seed", _get(cfg, "seed"), 0, integer=True)
+    check_options(RunOptions, {k: _get(cfg, k) for k in RunOptions.__annotations__ if k in cfg})
     optim = cfg.get("optim")
     if optim:
-        if "lr" in optim:
-            _num("optim.lr", _get(optim, "lr", "optim."), 0.0, lo_open=True)
-        for key in ("weight_decay", "momentum"):
-            if key in optim:
-                _num(f"optim.{key}", _get(optim, key, "optim."), 0.0)
+        check_options(OptimLimits, {k: _get(optim, k, "optim.") for k in
+                                    OptimLimits.__annotations__ if k in optim}, "optim")
     trainer = cfg.get("trainer") or {}
+    check_options(TrainerLimits, {k: _get(trainer, k, "trainer.") for k in
+                                  TrainerLimits.__annotations__ if k in trainer}, "trainer")
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     bounded = (max_steps is not None and max_steps not in (-1,)) or trainer.get("max_time")
-    if max_steps not in (None, -1):
-        _num("trainer.max_steps", max_steps, 1, integer=True)
-    if max_epochs is None or max_epochs == -1:
-        if not bounded:
-            raise ConfigError(f"trainer.max_epochs={max_epochs} runs forever: give a number of "
-                              f"epochs >= 1 (or bound the run with trainer.max_steps)")
-    else:
-        _num("trainer.max_epochs", max_epochs, 1, integer=True)
-    limit = trainer.get("limit_train_batches")
-    if limit is not None:  # a run that trains on nothing is not a run
-        if isinstance(limit, float):
-            _num("trainer.limit_train_batches", limit, 0.0, 1.0, lo_open=True)
-        else:
-            _num("trainer.limit_train_batches", limit, 1, integer=True)
+    if (max_epochs is None or max_epochs == -1) and not bounded:
+        raise ConfigError(f"trainer.max_epochs={max_epochs} runs forever: give a number of "
+                          f"epochs >= 1 (or bound the run with trainer.max_steps)")
     protocol = cfg.get("protocol")
     if protocol:
         validate_protocol(protocol)
@@ -126,7 +132,6 @@ def validate_study(cfg: DictConfig) -> None:
     snaps = cfg.get("snapshot_epochs") or []
     max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
     for e in snaps:
-        _num("snapshot_epochs", e, 0, integer=True)
         if isinstance(max_epochs, int) and max_epochs > 0 and e > max_epochs:
             raise ConfigError(f"snapshot_epochs: {e} is after the run's last epoch "
                               f"(trainer.max_epochs={max_epochs})")
@@ -140,38 +145,9 @@ def _get(node, key, prefix=""):
         raise ConfigError(f"{prefix}{key}: {err}") from None
 
 
-def validate_protocol(p: DictConfig) -> None:
-    for key, lo in (("every_n_epochs", 1), ("eval_batches", 1), ("stability_batches", 2),
-                    ("batch_size", 1)):
-        if key in p:
-            _num(f"protocol.{key}", p[key], lo, integer=True)
-    if "seed" in p:
-        _num("protocol.seed", p.seed, 0, integer=True)
-    for k, v in (p.get("thresholds") or {}).items():
-        if k not in THRESHOLD_RANGES:
-            raise ConfigError(f"protocol.thresholds.{k}: unknown diagnostic; the ids are a, b, c, d")
-        lo, hi, lo_open = THRESHOLD_RANGES[k]
-        _num(f"protocol.thresholds.{k}", v, lo, hi, lo_open=lo_open)
-    measure = p.get("measure") or {}
-    for key, lo, integer, lo_open in (("rho_samples", 1, True, False),
-                                      ("rho_directions", 2, True, False),
-                                      ("rho_eps", 0.0, False, True),
-                                      ("nudge_step", 0.0, False, True),
-                                      ("null_draws", 1, True, False)):
-        if key in measure:
-            _num(f"protocol.measure.{key}", measure[key], lo, integer=integer, lo_open=lo_open)
-    abort = p.get("abort") or {}
-    if "min_epochs" in abort:
-        _num("protocol.abort.min_epochs", abort.min_epochs, 0, integer=True)
-    if "patience" in abort:
-        _num("protocol.abort.patience", abort.patience, 1, integer=True)
-    monitor = abort.get("monitor")
-    if monitor is not None:
-        ids = list(monitor) if OmegaConf.is_list(monitor) or isinstance(monitor, list) else [monitor]
-        bad = [m for m in ids if m not in THRESHOLD_RANGES]
-        if bad:
-            raise ConfigError(f"protocol.abort.monitor={ids}: unknown diagnostic(s) {bad}; "
-                              f"the ids are a, b, c, d")
+def validate_protocol(p) -> None:
+    """The protocol's options (``ProtocolOptions``): the run's, or an audit's thresholds."""
+    check_options(ProtocolOptions, p, "protocol")
 
 
 def writable_dir(path, key: str) -> Path:

@@ -18,7 +18,8 @@ from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.cli import as_list, check_hydra_dirs, quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
-from lcredit.errors import ConfigError, check_range
+from lcredit.errors import ConfigError
+from lcredit.options import Count, Index, checked
 from lcredit.rules.estimator import Estimator
 from lcredit.train import CONF_DIR, build_rule
 
@@ -90,14 +91,13 @@ def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
     return [sum(losses[:k]) / k, sum(losses[-k:]) / k]
 
 
-def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps=500, overrides=None,
-          batch_size=None, data_root=None, optim="adam") -> dict:
+@checked()
+def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps: Index = 500,
+          overrides: dict | None = None, batch_size: Count | None = None,
+          data_root: str | None = None, optim: str | None = "adam") -> dict:
     from lcredit.audit import load_checkpoint, restore
 
     rules = as_list("rules", rules)
-    check_range("steps", steps, 0, integer=True)
-    if batch_size is not None:
-        check_range("batch_size", batch_size, 1, integer=True)
     overrides = overrides or {}
     labels = [split_rule(r)[0] for r in rules]
     unknown = sorted(set(overrides) - set(labels))

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lcredit.errors import ConfigError
+from lcredit.options import Count, checked
 # the plan of a study (re-exported: the runner's callers name them from here too)
 from lcredit.jobs import (DONE, Job, SourceFailed, _quote, compose_job, expand,  # noqa: F401
                           known_studies, replicated, stages, study_node, sweep_overrides)
@@ -215,7 +216,8 @@ RUNNERS = {"train": _run_train, "probe": _run_probe, "exploit": _run_exploit,
            "calibrate": _run_calibrate}
 
 
-def calibrate(ckpt_path, null_draws: int = 20, data_root=None) -> dict:
+@checked()
+def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -> dict:
     """The protocol's own controls on one checkpoint (SPEC §7, protocol calibration): the
     rule's gamma against ``null_draws`` fresh feedback draws; rho of backprop's gradient (≈ 1)
     and of random vectors (≈ 0); and the full protocol on a randomly initialised network of
@@ -225,11 +227,9 @@ def calibrate(ckpt_path, null_draws: int = 20, data_root=None) -> dict:
     from lcredit.audit import load_checkpoint, restore
     from lcredit.callbacks.protocol import evaluation_batches
     from lcredit.diagnostics import diagnose, measure
-    from lcredit.errors import check_range
     from lcredit.models.base import exact_credit
     from lcredit.train import build_rule
 
-    check_range("null_draws", null_draws, 1, integer=True)
     snapshot, task, cfg = restore(load_checkpoint(ckpt_path), data_root)
     p = cfg.protocol
     opts = OmegaConf.to_container(p.measure, resolve=True) | {"null_draws": int(null_draws),

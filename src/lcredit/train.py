@@ -30,12 +30,14 @@ import lcredit
 from lcredit import baseline, config, files
 from lcredit.callbacks import EarlyAbort, ProtocolMonitor
 from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
-from lcredit.data import DeviceBatches, batching, build_task, check_kwargs, fit_to_model
+from lcredit.data import DeviceBatches, batching, build_task, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
 from lcredit.cli import check_hydra_dirs, job_dirname, quote_path_overrides
-from lcredit.errors import ConfigError, DirectoryBusy, check_range
+from lcredit.config import OptimLimits, RunOptions, TrainerLimits
+from lcredit.errors import ConfigError, DirectoryBusy
 from lcredit.models.base import compile_mode
+from lcredit.options import check_options
 
 log = logging.getLogger("lcredit")
 # The config groups ship inside the package (conf/ at the repository root links here), so an
@@ -76,7 +78,7 @@ def versions() -> dict:
 def _check_trainer(tcfg: dict) -> None:
     import lightning as L
 
-    check_kwargs(L.Trainer.__init__, tcfg, "trainer")
+    check_options(L.Trainer.__init__, tcfg, "trainer", also=TrainerLimits)
     precision = str(tcfg.get("precision", "32-true"))
     if precision not in SUPPORTED_PRECISION:
         raise ConfigError(
@@ -101,7 +103,7 @@ def _instantiate_group(group: str, node: DictConfig, **extra):
         raise ConfigError(f"{group}: no _target_ (choose one with {group}=<name>)")
     target = get_class(node._target_)
     opts = {k: v for k, v in node.items() if not str(k).startswith("_")}
-    check_kwargs(target.__init__, opts, group)
+    check_options(target.__init__, opts, group)
     try:
         return instantiate(node, **extra, _convert_="all")
     except InstantiationException as err:
@@ -129,7 +131,7 @@ def build_rule(cfg: DictConfig, task):
         if "_target_" not in cfg.optim:
             raise ConfigError("optim: no _target_ (choose one with optim=<name>)")
         opts = {k: v for k, v in cfg.optim.items() if not str(k).startswith("_")}
-        check_kwargs(get_class(cfg.optim._target_).__init__, opts, "optim")
+        check_options(get_class(cfg.optim._target_).__init__, opts, "optim", also=OptimLimits)
         optimizer = instantiate(cfg.optim)
     rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
                               num_classes=task.num_classes, optimizer=optimizer)
@@ -138,13 +140,10 @@ def build_rule(cfg: DictConfig, task):
     if fixed not in (True, False):
         raise ConfigError(f"fixed_network={fixed!r} must be true or false")
     rule.fixed_network = bool(fixed)
-    schedule = cfg.get("lr_schedule", "constant")
-    if schedule not in ("constant", "cosine"):
-        raise ConfigError(f"lr_schedule={schedule!r} must be constant or cosine")
-    rule.lr_schedule = schedule
+    check_options(RunOptions, {k: cfg[k] for k in ("lr_schedule", "block_grad_clip") if k in cfg})
+    rule.lr_schedule = cfg.get("lr_schedule", "constant")
     clip = cfg.get("block_grad_clip")
     if clip is not None:
-        check_range("block_grad_clip", clip, 0.0, lo_open=True)
         rule.block_grad_clip = float(clip)
     return rule
 

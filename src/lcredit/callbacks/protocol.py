@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lcredit.baseline import accuracy_at
 from lcredit.diagnostics import diagnose
 from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
-from lcredit.diagnostics.protocol import DEFAULT_THRESHOLDS, check_thresholds
+from lcredit.diagnostics.protocol import Abort, ProtocolOptions, check_thresholds
 from lcredit.errors import ConfigError
+from lcredit.options import checked
 
 log = logging.getLogger("lcredit")
 
@@ -40,15 +41,11 @@ class ProtocolMonitor(Callback):
     """Measures every ``every_n_epochs`` epochs and after the last one, on fixed batches drawn
     from the training set; writes each report into the run's history and its loggers."""
 
-    def __init__(self, every_n_epochs: int = 5, eval_batches: int = 4,
-                 stability_batches: int = 10, batch_size: int = 128, seed: int = 0,
-                 thresholds: dict | None = None, measure: dict | None = None,
-                 print_report: bool = True):
-        if every_n_epochs < 1:
-            raise ConfigError(f"protocol.every_n_epochs={every_n_epochs} must be >= 1")
-        if eval_batches < 1 or stability_batches < 2 or batch_size < 1:
-            raise ConfigError("protocol: eval_batches >= 1, stability_batches >= 2 and "
-                              "batch_size >= 1 are needed")
+    # the options' types and ranges: ProtocolOptions (diagnostics/protocol.py); the defaults
+    # are conf/protocol/default.yaml's
+    @checked("protocol", like=ProtocolOptions)
+    def __init__(self, every_n_epochs=5, eval_batches=2, stability_batches=10, batch_size=128,
+                 seed=0, thresholds=None, measure=None, print_report=True):
         self.every = int(every_n_epochs)
         self.n_eval, self.n_stab, self.batch_size = int(eval_batches), int(stability_batches), int(batch_size)
         self.seed = int(seed)
@@ -166,12 +163,9 @@ class EarlyAbort(Callback):
     """Stops training when any ``monitor`` diagnostic has fired on ``patience`` consecutive
     measurements at or after ``min_epochs``; records when, why and the compute saved."""
 
-    def __init__(self, monitor=("a", "b"), min_epochs: int = 1, patience: int = 1):
-        bad = [m for m in monitor if m not in DEFAULT_THRESHOLDS]
-        if bad:
-            raise ConfigError(f"protocol.abort.monitor: unknown diagnostic(s) {bad}; ids: a b c d")
-        if patience < 1:
-            raise ConfigError(f"protocol.abort.patience={patience} must be >= 1")
+    @checked("protocol.abort", like=Abort)  # the defaults: conf/protocol/default.yaml's
+    def __init__(self, monitor=("a", "b"), min_epochs=1, patience=1):
+        monitor = [monitor] if isinstance(monitor, str) else monitor
         self.monitor, self.min_epochs, self.patience = tuple(monitor), int(min_epochs), int(patience)
 
     def consider(self, trainer, pl_module, report):

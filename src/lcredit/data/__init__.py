@@ -3,20 +3,27 @@
 Datasets here are small enough to live on the device in full, which removes the DataLoader
 (and its ~1 ms/step of worker and collation overhead) from the training loop.
 """
-import difflib
-import inspect
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from lcredit.errors import ConfigError, check_range
+from lcredit.errors import ConfigError
+from lcredit.options import Count, check_options
 
-# Keys of a data config that describe batching, not the task itself.
-BATCHING_KEYS = ("batch_size", "eval_batch_size", "random_targets")
+
+class Batching(TypedDict, total=False):
+    """The keys of a data config that describe batching, not the task itself."""
+    batch_size: Count
+    eval_batch_size: Count
+    random_targets: bool  # train on random labels (the memorisation control)
+
+
+BATCHING_KEYS = tuple(Batching.__annotations__)
 
 
 @dataclass
@@ -114,36 +121,16 @@ def build_task(data_cfg: DictConfig) -> Task:
     for k in BATCHING_KEYS:
         cfg.pop(k, None)
     fn = get_method(target)
-    check_kwargs(fn, cfg, "data")
-    task = fn(**cfg)
-    return task
+    check_options(fn, cfg, "data")  # also for a task function of the user's, not `checked`
+    return fn(**cfg)
 
 
 def batching(data_cfg: DictConfig) -> dict:
-    bs = data_cfg.get("batch_size", 128)
-    ebs = data_cfg.get("eval_batch_size", 1000)
-    check_range("data.batch_size", bs, 1, integer=True)
-    check_range("data.eval_batch_size", ebs, 1, integer=True)
-    random_targets = data_cfg.get("random_targets", False)
-    if not isinstance(random_targets, bool):
-        raise ConfigError(f"data.random_targets={random_targets!r} must be true or false")
-    return {"batch_size": int(bs), "eval_batch_size": int(ebs), "random_targets": random_targets}
-
-
-def check_kwargs(fn, kwargs: dict, group: str) -> None:
-    """Unknown keys fail here, named, instead of as a TypeError deep inside a constructor."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        known = sorted(k for k in params if k not in ("self", "input_shape", "num_classes", "model"))
-        near = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-        hint = "; ".join(f"did you mean {group}.{m[0]}?" for m in near.values() if m)
-        raise ConfigError(
-            f"{group}: unknown option(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
-            + (f"{hint} " if hint else "") + f"known options: {', '.join(known)}"
-        )
+    opts = {k: data_cfg[k] for k in BATCHING_KEYS if k in data_cfg}
+    check_options(Batching, opts, "data")
+    return {"batch_size": int(opts.get("batch_size", 128)),
+            "eval_batch_size": int(opts.get("eval_batch_size", 1000)),
+            "random_targets": opts.get("random_targets", False)}
 
 
 def fit_to_model(task: Task, model_cls, model_opts: dict, model_key: str = "model") -> Task:
@@ -165,7 +152,7 @@ def fit_to_model(task: Task, model_cls, model_opts: dict, model_key: str = "mode
             f"(digits, cifar10, cifar100, fashion_mnist, gaussian_images) or a vector model "
             f"(resmlp, student).")
     size = model_opts.get("image_size", 32)
-    check_range(f"{model_key}.image_size", size, 8, integer=True)
+    check_options(model_cls.__init__, {"image_size": size}, model_key)
     size = int(size)
     _, h, w = task.input_shape
     if (h, w) == (size, size):

@@ -2,15 +2,17 @@
 import numpy as np
 import torch
 
+from typing import Annotated
+
 from lcredit.data import Task
-from lcredit.errors import check_range
+from lcredit.options import Range, Seed, checked
 
 
-def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Task:
+@checked("data")
+def digits(test_fraction: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.2,
+           split_seed: Seed = 0) -> Task:
     from sklearn.datasets import load_digits
 
-    check_range("data.test_fraction", test_fraction, 0.0, 1.0, lo_open=True)
-    check_range("data.split_seed", split_seed, 0, 2**32 - 1, integer=True)
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)

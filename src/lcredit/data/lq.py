@@ -11,7 +11,8 @@ from torch import nn
 
 from lcredit.data import Task
 from lcredit.models.base import hidden_states
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
+from lcredit.options import Count, NonNegative, Seed, checked
 
 
 def check_linear_resmlp(model) -> None:
@@ -40,18 +41,12 @@ def lq_costate(model, x, y):
     return out[::-1]
 
 
-def lq(d_in: int = 16, d_out: int = 8, n_train: int = 4096, n_test: int = 1024,
-       noise: float = 0.0, seed: int = 0, fresh: bool = False) -> Task:
+@checked("data")
+def lq(d_in: Count = 16, d_out: Count = 8, n_train: Count = 4096, n_test: Count = 1024,
+       noise: NonNegative = 0.0, seed: Seed = 0, fresh: bool = False) -> Task:
     """Targets y = T x (+ noise) for a fixed random T; Gaussian inputs. ``fresh``: every epoch
     trains on ``n_train`` new samples (a function of ``seed`` and the epoch; the epoch-0 set
     and the test set are the fixed ones), so a run of k steps sees k fresh batches."""
-    check_choice("data.fresh", fresh, (True, False))
-    check_range("data.d_in", d_in, 1, integer=True)
-    check_range("data.d_out", d_out, 1, integer=True)
-    check_range("data.noise", noise, 0.0)
-    check_range("data.n_train", n_train, 1, integer=True)
-    check_range("data.n_test", n_test, 1, integer=True)
-    check_range("data.seed", seed, 0, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d_in, generator=g)
     T = torch.randn(d_out, d_in, generator=g) / d_in**0.5

@@ -1,8 +1,12 @@
 """The synthetic nonlinearity ladder (teacher–student classification)."""
+from typing import Annotated
+
 import torch
 
 from lcredit.data import Task
-from lcredit.errors import check_choice, check_range
+from lcredit.options import Count, Fraction, Index, NonNegative, Positive, Range, Seed, checked
+
+Classes = Annotated[int, Range(2)]  # a classification task has at least two classes
 
 
 def phi(z: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -10,9 +14,11 @@ def phi(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1 - alpha) * z + alpha * torch.tanh(z)
 
 
-def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: float = 1.0,
-           teacher_gain: float = 1.0, n_train: int = 20000, n_test: int = 5000,
-           seed: int = 0, fresh: bool = False, teacher_bias: float = 0.0) -> Task:
+@checked("data")
+def ladder(d: Count = 128, num_classes: Classes = 10, teacher_depth: Index = 4,
+           alpha: Fraction = 1.0, teacher_gain: Positive = 1.0, n_train: Count = 20000,
+           n_test: Count = 5000, seed: Seed = 0, fresh: bool = False,
+           teacher_bias: NonNegative = 0.0) -> Task:
     """Gaussian inputs through a fixed random teacher; the label is the argmax class score.
 
     The teacher has ``teacher_depth`` layers ``z <- phi_alpha(W z)`` with
@@ -23,16 +29,6 @@ def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: f
     ``seed`` and the epoch), so a large learner cannot overfit a fixed set; the test set and
     the epoch-0 training set are the fixed ones.
     """
-    check_range("data.d", d, 1, integer=True)
-    check_range("data.num_classes", num_classes, 2, integer=True)
-    check_range("data.teacher_depth", teacher_depth, 0, integer=True)
-    check_range("data.alpha", alpha, 0.0, 1.0)
-    check_range("data.teacher_gain", teacher_gain, 0.0, lo_open=True)
-    check_range("data.teacher_bias", teacher_bias, 0.0)
-    check_range("data.n_train", n_train, 1, integer=True)
-    check_range("data.n_test", n_test, 1, integer=True)
-    check_choice("data.fresh", fresh, (True, False))
-    check_range("data.seed", seed, 0, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, d, generator=g)
     weights = [torch.randn(d, d, generator=g) * (teacher_gain / d**0.5)
@@ -60,17 +56,15 @@ def ladder(d: int = 128, num_classes: int = 10, teacher_depth: int = 4, alpha: f
                 resample=resample if fresh else None)
 
 
-def gaussian_images(shape=(3, 32, 32), num_classes: int = 10, n_train: int = 50000,
-                    n_test: int = 10000, seed: int = 0) -> Task:
+@checked("data")
+def gaussian_images(shape: tuple[Count, ...] = (3, 32, 32), num_classes: Classes = 10,
+                    n_train: Count = 50000, n_test: Count = 10000, seed: Seed = 0) -> Task:
     """Image-shaped Gaussian inputs labelled by a fixed random linear teacher.
 
     A stand-in with CIFAR's shapes and sizes, for benchmarks and smoke tests where the real
     files are not at hand; it says nothing about CIFAR itself.
     """
     shape = tuple(int(s) for s in shape)
-    check_range("data.num_classes", num_classes, 2, integer=True)
-    check_range("data.n_train", n_train, 1, integer=True)
-    check_range("data.n_test", n_test, 1, integer=True)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(n_train + n_test, *shape, generator=g)
     w = torch.randn(num_classes, x[0].numel(), generator=g)

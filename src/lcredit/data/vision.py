@@ -1,11 +1,13 @@
 """CIFAR-10/100 and FashionMNIST through torchvision, normalised per channel on train stats."""
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from lcredit.data import Task
 from lcredit.errors import ConfigError
+from lcredit.options import checked
 
 # name -> (torchvision class name, folder torchvision expects under root, classes)
 DATASETS = {
@@ -46,9 +48,9 @@ def _load_split(name: str, root: Path, train: bool, download: bool):
     return x.float().div_(255.0), y
 
 
-def torchvision_task(name: str, root: str = "data", download: bool = False) -> Task:
-    if name not in DATASETS:
-        raise ConfigError(f"data.name={name!r} is not one of {', '.join(DATASETS)}")
+@checked("data")
+def torchvision_task(name: Literal[tuple(DATASETS)], root: str = "data",
+                     download: bool = False) -> Task:
     root_path = Path(root).expanduser().resolve()
     x_train, y_train = _load_split(name, root_path, True, download)
     x_test, y_test = _load_split(name, root_path, False, download)

@@ -4,8 +4,51 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal, TypedDict
+
+from lcredit.options import Count, Fraction, Index, NonNegative, Positive, Range, Seed, check_options
 
 DEFAULT_THRESHOLDS = {"a": 50.0, "b": 1e-7, "c": 0.30, "d": 2.0}
+DiagnosticId = Literal["a", "b", "c", "d"]
+FrozenBaseline = Fraction | str | None  # an accuracy, a results.json, auto, or null (no (d))
+
+
+# The protocol's options (conf/protocol/default.yaml gives their defaults): each declared once
+# here, and checked by lcredit.options for the run's config, the callbacks and the audit alike.
+class Thresholds(TypedDict, total=False):
+    a: Positive                             # (a) fires when residual growth > a
+    b: NonNegative                          # (b) when bp_grad_norm at h_L < b
+    c: Annotated[float, Range(-1.0, 1.0)]   # (c) when direction stability (a cosine) > c
+    d: float                                # (d) when headline - frozen acc < d (pp)
+
+
+class Measure(TypedDict, total=False):
+    rho_samples: Count
+    rho_directions: Annotated[int, Range(2)]
+    rho_eps: Positive
+    nudge_step: Positive
+    null_draws: Count
+
+
+class Abort(TypedDict, total=False):
+    enabled: bool
+    monitor: list[DiagnosticId] | DiagnosticId
+    min_epochs: Index
+    patience: Count
+
+
+class ProtocolOptions(TypedDict, total=False):
+    thresholds: Thresholds
+    frozen_baseline: FrozenBaseline
+    frozen_baseline_check: bool
+    every_n_epochs: Count
+    print_report: bool
+    eval_batches: Count
+    stability_batches: Annotated[int, Range(2)]
+    batch_size: Count
+    seed: Seed
+    measure: Measure
+    abort: Abort
 DESCRIPTIONS = {
     "a": ("residual growth", "max_l hidden_norm_{l+1} / hidden_norm_l", ">"),
     "b": ("gradient floor", "bp_grad_norm at h_L", "<"),
@@ -16,18 +59,10 @@ DESCRIPTIONS = {
 VERDICT_IDS = ("a", "b", "d")
 
 
-def check_thresholds(thresholds: dict | None) -> dict:
-    from lcredit.errors import ConfigError
-
-    out = dict(DEFAULT_THRESHOLDS)
-    for k, v in (thresholds or {}).items():
-        if k not in DEFAULT_THRESHOLDS:
-            raise ConfigError(f"protocol.thresholds.{k}: unknown diagnostic; the ids are a, b, c, d")
-        try:
-            out[k] = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"protocol.thresholds.{k}={v!r} is not a number") from None
-    return out
+def check_thresholds(thresholds: dict | None, prefix: str = "protocol.thresholds") -> dict:
+    """The thresholds to judge by: the defaults, with ``thresholds`` (checked) in their place."""
+    check_options(Thresholds, thresholds or {}, prefix)
+    return DEFAULT_THRESHOLDS | {k: float(v) for k, v in (thresholds or {}).items()}
 
 
 def _fires(value, threshold, op) -> bool:

@@ -3,8 +3,10 @@ import contextlib
 import torch
 from torch import nn
 
+from lcredit.options import CheckedInit
 
-class BlockModel(nn.Module):
+
+class BlockModel(CheckedInit, nn.Module):
     """``readout(blocks[L-1](...blocks[0](embed(x))))`` with the hidden states exposed.
 
     Subclasses set ``self.embed`` (module), ``self.blocks`` (``nn.ModuleList``) and
@@ -15,6 +17,7 @@ class BlockModel(nn.Module):
     embed: nn.Module
     blocks: nn.ModuleList
     readout: nn.Module
+    option_group = "model"  # a model's options are declared by annotation (docs/options.md)
 
     @property
     def depth(self) -> int:

@@ -1,12 +1,15 @@
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
 from lcredit.models.base import BlockModel
+from lcredit.options import Count, NonNegative, Positive
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+Activation = Literal[tuple(ACTIVATIONS)]
 
 
 class ResMLPBlock(nn.Module):
@@ -45,24 +48,17 @@ class ResMLP(BlockModel):
         self,
         input_shape,
         num_classes: int,
-        d: int = 256,
-        depth: int = 4,
-        mlp_ratio: float = 4.0,
-        act: str = "gelu",
+        d: Count = 256,
+        depth: Count = 4,
+        mlp_ratio: Positive = 4.0,
+        act: Activation = "gelu",
         out_ln: bool = True,
         residual: bool = True,
         block_ln: bool = True,
-        w2_std=None,
-        input_layer: str = "linear",
+        w2_std: NonNegative | None = None,
+        input_layer: Literal["linear", "identity"] = "linear",
     ):
         super().__init__()
-        check_range("model.d", d, 1, integer=True)
-        check_range("model.depth", depth, 1, integer=True)
-        check_range("model.mlp_ratio", mlp_ratio, 0, lo_open=True)
-        check_choice("model.act", act, ACTIVATIONS)
-        if w2_std is not None:
-            check_range("model.w2_std", w2_std, 0.0)
-        check_choice("model.input_layer", input_layer, ("linear", "identity"))
         in_features = math.prod(input_shape)
         if input_layer == "identity" and in_features != d:
             raise ConfigError(f"model.input_layer=identity makes h_0 the flattened input, which "

@@ -1,10 +1,13 @@
 """A small CNN: a stem, three conv stages (conv + BatchNorm + act, 2x downsampling) and one
 fully-connected stage as blocks, a linear head; no terminal LayerNorm."""
+from typing import Annotated
+
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
 from lcredit.models.base import BlockModel
-from lcredit.models.resmlp import ACTIVATIONS
+from lcredit.models.resmlp import ACTIVATIONS, Activation
+from lcredit.options import Count, Range
 
 
 def conv_bn_act(c_in, c_out, act):
@@ -15,17 +18,13 @@ def conv_bn_act(c_in, c_out, act):
 class SmallCNN(BlockModel):
     image_input = True
 
-    def __init__(self, input_shape, num_classes: int, widths=(32, 64, 128), fc_width: int = 256,
-                 act: str = "relu", image_size: int = 32):
+    def __init__(self, input_shape, num_classes: int,
+                 widths: tuple[Count, ...] = (32, 64, 128), fc_width: Count = 256,
+                 act: Activation = "relu", image_size: Annotated[int, Range(8)] = 32):
         super().__init__()
-        check_choice("model.act", act, ACTIVATIONS)
-        if not isinstance(widths, (list, tuple)) or len(widths) != 3:
+        if len(widths) != 3:
             raise ConfigError(f"model.widths={widths!r} must list the 3 conv stages' channels")
-        for w in widths:
-            check_range("model.widths", w, 1, integer=True)
         widths = [int(w) for w in widths]
-        check_range("model.image_size", image_size, 8, integer=True)
-        check_range("model.fc_width", fc_width, 1, integer=True)
         channels, h, w = input_shape
         self.embed = nn.Sequential(*conv_bn_act(channels, widths[0], act))
         stages, c = [], widths[0]

@@ -1,11 +1,14 @@
 """A small vision transformer for 32x32 images; h_l is the whole token sequence."""
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
 from lcredit.models.base import BlockModel
-from lcredit.models.resmlp import ACTIVATIONS
+from lcredit.models.resmlp import ACTIVATIONS, Activation
+from lcredit.options import Count, Positive, Range
 
 
 class Attention(nn.Module):
@@ -66,13 +69,10 @@ class ClassTokenReadout(nn.Module):
 class ViTMini(BlockModel):
     image_input = True
 
-    def __init__(self, input_shape, num_classes: int, d: int = 128, depth: int = 4,
-                 heads: int = 4, patch: int = 4, mlp_ratio: float = 2.0, act: str = "gelu",
-                 image_size: int = 32):
+    def __init__(self, input_shape, num_classes: int, d: Count = 128, depth: Count = 4,
+                 heads: Count = 4, patch: Count = 4, mlp_ratio: Positive = 2.0,
+                 act: Activation = "gelu", image_size: Annotated[int, Range(8)] = 32):
         super().__init__()
-        check_range("model.d", d, 1, integer=True)
-        check_range("model.depth", depth, 1, integer=True)
-        check_choice("model.act", act, ACTIVATIONS)
         if d % heads:
             raise ConfigError(f"model.d={d} must be divisible by model.heads={heads}")
         if image_size % patch:

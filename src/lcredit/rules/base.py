@@ -28,7 +28,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lcredit.errors import ConfigError, check_range
+from lcredit.errors import ConfigError
+from lcredit.options import CheckedInit, NonNegative
 from lcredit.models.base import (CUDAGRAPH_MODES, BlockModel, block_branch, compile_parts,
                                  exact_credit, hidden_states, preserved_buffers, run_blocks)
 
@@ -91,7 +92,7 @@ class Pass:
         return e - F.one_hot(self.y, e.shape[-1]).to(e.dtype)
 
 
-class Rule(L.LightningModule):
+class Rule(CheckedInit, L.LightningModule):
     """A learning rule wrapped around a block model, with manual optimisation.
 
     Subclasses override ``top_credit`` / ``layer_credit`` (local rules) or
@@ -112,10 +113,11 @@ class Rule(L.LightningModule):
     # where lcredit offers a switch of its own; ``form()`` says which of them a rule departs from.
     ORIGINAL: dict = {}
 
+    option_group = "method"  # options are declared by annotation (docs/options.md)
+
     def __init__(self, model: BlockModel, input_shape, num_classes: int, optimizer=None,
-                 penalty_lam: float = 0.0):
+                 penalty_lam: NonNegative = 0.0):
         super().__init__()
-        check_range("method.penalty_lam", penalty_lam, 0.0)
         self.automatic_optimization = False
         self.model = model
         self.input_shape = tuple(input_shape)

@@ -26,17 +26,21 @@ Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
 moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
 """
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
+from lcredit.options import Fraction, Index
 from lcredit.rules.base import Pass, at_least_fp32
 from lcredit.rules.estimator import credit_rms, per_sample_sq
 from lcredit.rules.vec import VEC
 
-SOURCES = ("vec", "random_trainable", "shuffled_trainable", "fresh_random_target",
-           "zero_target", "time_only", "constant_input", "perlayer_vector", "gaussian_noise",
-           "frozen_random", "dfa_norm_matched")
+Source = Literal["vec", "random_trainable", "shuffled_trainable", "fresh_random_target",
+                 "zero_target", "time_only", "constant_input", "perlayer_vector",
+                 "gaussian_noise", "frozen_random", "dfa_norm_matched"]
+SOURCES = get_args(Source)
 UNTRAINED = ("gaussian_noise", "frozen_random")
 
 
@@ -62,10 +66,11 @@ class Blend(VEC):
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
                  hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
                  terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat", field_ln=True, layer_code="embed", source="vec", alpha=0.5, alpha_decay="constant", alpha_end=0.0,
-                 freeze_after=None, decay_to=None, decay_epochs=0, mix="plain",
-                 zero_target_renorm=False):
-        check_choice("method.source", source, SOURCES)
+                 field="concat", field_ln=True, layer_code="embed", source: Source = "vec",
+                 alpha: Fraction = 0.5, alpha_decay: Literal["constant", "linear"] = "constant",
+                 alpha_end: Fraction = 0.0, freeze_after: Index | None = None,
+                 decay_to: Fraction | None = None, decay_epochs: Index = 0,
+                 mix: Literal["plain", "one_scale"] = "plain", zero_target_renorm: bool = False):
         self.source = source
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type=s_type, width=width, aux_lr=aux_lr, credit_norm=credit_norm,
@@ -75,17 +80,7 @@ class Blend(VEC):
                          one_sided=one_sided, terminal_weight=terminal_weight,
                          shuffle_targets=shuffle_targets, loss_scale=loss_scale, field=field,
                          field_ln=field_ln, layer_code=layer_code)
-        check_choice("method.mix", mix, ("plain", "one_scale"))
-        check_choice("method.zero_target_renorm", zero_target_renorm, (True, False))
         self.mix, self.zero_target_renorm = mix, bool(zero_target_renorm)
-        check_range("method.alpha", alpha, 0.0, 1.0)
-        check_choice("method.alpha_decay", alpha_decay, ("constant", "linear"))
-        check_range("method.alpha_end", alpha_end, 0.0, 1.0)
-        if freeze_after is not None:
-            check_range("method.freeze_after", freeze_after, 0, integer=True)
-        if decay_to is not None:
-            check_range("method.decay_to", decay_to, 0.0, 1.0)
-        check_range("method.decay_epochs", decay_epochs, 0, integer=True)
         if decay_to is not None and freeze_after is None:
             raise ConfigError("method.decay_to needs method.freeze_after (alpha decays after "
                               "the aux is frozen)")

@@ -1,14 +1,16 @@
 """Credit bridge: a value network whose input-gradient is the credit (docs/rules.md)."""
 import copy
 import math
+from typing import Literal
 
 import torch
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import (FIELDS, LAYER_CODES, LOSS_SCALES, SCALES, CreditNet, Estimator, credit_rms,
-                                     per_sample_sq, relative_sq, unit_directions)
+from lcredit.options import Count, Fraction, NonNegative, Positive
+from lcredit.rules.estimator import (CreditNet, Estimator, Field, LayerCode, LossScale, Scale,
+                                     credit_rms, per_sample_sq, relative_sq, unit_directions)
 
 
 class CB(Estimator):
@@ -32,30 +34,18 @@ class CB(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="batch",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, tgw=1.0, K=4, sigma=0.05, sigma_scale="absolute",
-                 bridge_noise="target", bridge_slope=0.0, terminal_scale="absolute",
-                 field="concat", field_ln=True, layer_code="embed", target_ema=0.995,
-                 bridge_temp=0.1):
+                 hL_dim=32, norm_fallback=False, tgw: NonNegative = 1.0, K: Count = 4,
+                 sigma: NonNegative = 0.05, sigma_scale: Scale = "absolute",
+                 bridge_noise: Literal["input", "target"] = "target",
+                 bridge_slope: NonNegative = 0.0, terminal_scale: LossScale = "absolute",
+                 field: Field = "concat", field_ln: bool = True, layer_code: LayerCode = "embed",
+                 target_ema: Fraction | None = 0.995, bridge_temp: Positive | None = 0.1):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        check_range("method.tgw", tgw, 0.0)
-        check_range("method.K", K, 1, integer=True)
-        check_range("method.sigma", sigma, 0.0)
-        check_choice("method.sigma_scale", sigma_scale, SCALES)
-        check_choice("method.bridge_noise", bridge_noise, ("input", "target"))
-        check_range("method.bridge_slope", bridge_slope, 0.0)
-        check_choice("method.terminal_scale", terminal_scale, LOSS_SCALES)
-        check_choice("method.field", field, FIELDS)
-        check_choice("method.field_ln", field_ln, (True, False))
-        check_choice("method.layer_code", layer_code, LAYER_CODES)
-        if target_ema is not None:
-            check_range("method.target_ema", target_ema, 0.0, 1.0)
-            if target_ema == 1.0:
-                raise ConfigError("method.target_ema=1.0 never moves the target network: give a "
-                                  "momentum in [0, 1), e.g. 0.995, or null (no target network)")
-        if bridge_temp is not None:
-            check_range("method.bridge_temp", bridge_temp, 0.0, lo_open=True)
+        if target_ema == 1.0:
+            raise ConfigError("method.target_ema=1.0 never moves the target network: give a "
+                              "momentum in [0, 1), e.g. 0.995, or null (no target network)")
         self.field_ln, self.layer_code = bool(field_ln), layer_code
         self.target_ema = None if target_ema is None else float(target_ema)
         self.bridge_temp = None if bridge_temp is None else float(bridge_temp)

@@ -1,7 +1,7 @@
 """Direct feedback alignment (Nøkland 2016): a_l = e · B_l with fixed random B_l."""
 import torch
 
-from lcredit.errors import check_range
+from lcredit.options import Positive
 from lcredit.rules.base import Pass, Rule
 
 
@@ -9,10 +9,8 @@ class DFA(Rule):
     name = "dfa"
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None):
+                 feedback_std: Positive | None = None):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
-        if feedback_std is not None:
-            check_range("method.feedback_std", feedback_std, 0.0, lo_open=True)
         self.feedback_std = feedback_std
         for l in range(len(self.state_shapes)):
             self.register_buffer(f"feedback_{l}", torch.empty(self.num_classes, self.state_dim(l)))

@@ -62,11 +62,15 @@ from __future__ import annotations
 
 import torch
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from typing import Literal, get_args
+
+from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
+from lcredit.options import Count, NonNegative, Positive
 from lcredit.rules.base import Pass, Rule, at_least_fp32, no_autocast
 
-RELAXATIONS = ("sweep", "gd")
+Relaxation = Literal["sweep", "gd"]
+RELAXATIONS = get_args(Relaxation)
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -74,8 +78,9 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.pow(2).sum().div(t.shape[0]).sqrt()
 
 
-CREDITS = ("prediction_error", "displacement")
-UPDATE_POINTS = ("nudged", "free")
+Credit = Literal["prediction_error", "displacement"]
+UpdatePoint = Literal["nudged", "free"]
+CREDITS, UPDATE_POINTS = get_args(Credit), get_args(UpdatePoint)
 
 
 class EP(Rule):
@@ -87,21 +92,13 @@ class EP(Rule):
                       "credit=displacement")
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 beta: float = 0.01, T: int = 30, eta: float = 0.1, symmetric: bool = False,
-                 relax: str = "sweep", tol: float = 1e-2, credit: str = "prediction_error",
-                 update_at: str = "nudged"):
+                 beta: Positive = 0.01, T: Count = 30, eta: Positive = 0.1,
+                 symmetric: bool = False, relax: Relaxation = "sweep", tol: NonNegative = 1e-2,
+                 credit: Credit = "prediction_error", update_at: UpdatePoint = "nudged"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
-        check_choice("method.credit", credit, CREDITS)
-        check_choice("method.update_at", update_at, UPDATE_POINTS)
         self.credit_kind, self.update_at = credit, update_at
         self.credit_form = credit  # the option's value, for form()
         self._points = None  # (pass, update points) from the last relaxation
-        check_range("method.beta", beta, 0.0, lo_open=True)
-        check_range("method.T", T, 1, integer=True)
-        check_range("method.eta", eta, 0.0, lo_open=True)
-        check_choice("method.symmetric", symmetric, (True, False))
-        check_choice("method.relax", relax, RELAXATIONS)
-        check_range("method.tol", tol, 0.0)
         depth = len(self.model.blocks)
         if relax == "sweep" and T < depth + 1:
             # Fewer sweeps leave the states mid-transient: the credit is not even aligned.

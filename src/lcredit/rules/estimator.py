@@ -14,21 +14,32 @@ Phases, by epoch (``phase``):
 """
 from __future__ import annotations
 
+from typing import Literal, TypedDict, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice, check_range
+from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
+from lcredit.options import Count, Fraction, Index, Positive
 from lcredit.rules.base import Pass, at_least_fp32, trainable
 from lcredit.rules.dfa import DFA
 
-S_TYPES = ("none", "eT", "deltaL", "eT_hL", "deltaL_hL")
+SType = Literal["none", "eT", "deltaL", "eT_hL", "deltaL_hL"]
+S_TYPES = get_args(SType)
 
 
 # true / "sample": SPEC's a / (RMS(a) + 1e-6) with each sample's own RMS (the original form);
 # "batch": lcredit's switch, the RMS over the layer's whole batch of credit.
 CREDIT_NORMS = {True: "sample", False: None, "batch": "batch", "sample": "sample", "none": None}
+CreditNorm = Literal[True, False, "batch", "sample", "none"]
+
+
+class Refit(TypedDict):
+    """``periodic_refit``: every ``every`` epochs, ``epochs`` epochs of refit."""
+    every: Count
+    epochs: Count
 
 
 def credit_rms(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -49,14 +60,15 @@ def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     return a / (credit_rms(a, per_sample) + 1e-6)
 
 
-FIELDS = ("concat", "gated")
+Field = Literal["concat", "gated"]
 # A size (noise, step, loss) taken as it is, or relative to the size of what it applies to.
-SCALES = ("absolute", "relative")
+Scale = Literal["absolute", "relative"]
 # A squared-error loss summed over its entries per sample (``absolute``), relative to its
 # target's size (``relative``), or the mean over all its entries (``mean``: F.mse_loss's).
-LOSS_SCALES = ("absolute", "relative", "mean")
+LossScale = Literal["absolute", "relative", "mean"]
 # How the layer index t enters the concat field (see CreditNet).
-LAYER_CODES = ("add", "embed", "scalar", "onehot")
+LayerCode = Literal["add", "embed", "scalar", "onehot"]
+FIELDS, SCALES, LOSS_SCALES, LAYER_CODES = map(get_args, (Field, Scale, LossScale, LayerCode))
 EMBED_DIM = 16  # layer_code=embed: the learned embedding's size
 
 
@@ -182,29 +194,22 @@ class Estimator(DFA):
     ORIGINAL = {"credit_norm": "sample", "hL_dim": 32}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False):
+                 feedback_std=None, s_type: SType = "eT", width: Count = 256,
+                 aux_lr: Positive = 1e-3, credit_norm: CreditNorm = "sample",
+                 warmup_ratio: Fraction | None = None, prefit_epochs: Index = 0,
+                 periodic_refit: Refit | None = None, topdown: Index | None = None,
+                 hL_dim: Count | None = 32, norm_fallback: bool = False):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
-        check_choice("method.norm_fallback", norm_fallback, (True, False))
         # credit_norm also for the DFA credit the rule falls back to (the warm-up, topdown's
         # lower blocks): every block update then has the same scale, before and after the
         # estimator takes over.
         self.norm_fallback = bool(norm_fallback)
-        check_choice("method.s_type", s_type, S_TYPES)
-        if hL_dim is not None:
-            check_range("method.hL_dim", hL_dim, 1, integer=True)
-        check_range("method.width", width, 1, integer=True)
-        check_range("method.aux_lr", aux_lr, 0.0, lo_open=True)
         warmup_ratio = self.default_warmup if warmup_ratio is None else warmup_ratio
-        check_range("method.warmup_ratio", warmup_ratio, 0.0, 1.0)
-        check_range("method.prefit_epochs", prefit_epochs, 0, integer=True)
         depth = len(self.state_shapes) - 1
-        if topdown is not None:
-            check_range("method.topdown", topdown, 0, depth, integer=True)
+        if topdown is not None and topdown > depth:
+            raise ConfigError(f"method.topdown={topdown} must be <= {depth} (the model's depth)")
         self.refit_every, self.refit_epochs = self._parse_refit(periodic_refit)
         self.s_type, self.width, self.aux_lr = s_type, int(width), float(aux_lr)
-        check_choice("method.credit_norm", credit_norm, CREDIT_NORMS)
         self.credit_norm, self.warmup_ratio = CREDIT_NORMS[credit_norm], float(warmup_ratio)
         self.prefit_epochs, self.topdown = int(prefit_epochs), topdown
         self.dims = [self.state_dim(l) for l in range(depth + 1)]
@@ -235,11 +240,6 @@ class Estimator(DFA):
     def _parse_refit(spec):
         if spec is None:
             return None, 0
-        if not isinstance(spec, dict) or set(spec) != {"every", "epochs"}:
-            raise ConfigError(f"method.periodic_refit={spec!r} must be null or "
-                              f"{{every: K, epochs: R}} (every K epochs, R epochs of refit)")
-        check_range("method.periodic_refit.every", spec["every"], 1, integer=True)
-        check_range("method.periodic_refit.epochs", spec["epochs"], 1, integer=True)
         return int(spec["every"]), int(spec["epochs"])
 
     # ---------------------------------------------------------------- schedule

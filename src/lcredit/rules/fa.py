@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcredit.errors import ConfigError, check_choice
+from typing import Literal
+
+from lcredit.errors import ConfigError
 from lcredit.rules.base import Rule
 
 
@@ -103,9 +105,8 @@ class FA(Rule):
     ORIGINAL = {"variant": "blockwise"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 variant: str = "blockwise"):
+                 variant: Literal["blockwise", "layerwise"] = "blockwise"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam)
-        check_choice("method.variant", variant, ("layerwise", "blockwise"))
         self.variant = variant
         self.needs_vjp = self.credit_is_vjp = variant == "layerwise"
         self._sites = []

@@ -1,13 +1,15 @@
 """State bridge: per-layer predictors of the final hidden state; credit through them (SPEC §3)."""
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-from lcredit.errors import check_choice
 from lcredit.rules.base import Pass, at_least_fp32
 from lcredit.rules.estimator import Estimator, per_sample_sq
 
 
-PREDICTORS = ("mlp", "skip")
+PredictorKind = Literal["mlp", "skip"]
+PREDICTORS = get_args(PredictorKind)
 
 
 class Predictor(nn.Module):
@@ -45,11 +47,10 @@ class SB(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, predictor="mlp"):
+                 hL_dim=32, norm_fallback=False, predictor: PredictorKind = "mlp"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        check_choice("method.predictor", predictor, PREDICTORS)
         self.predictor = predictor
         top = self.state_shapes[-1]
         self.predictors = nn.ModuleList(

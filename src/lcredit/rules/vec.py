@@ -2,11 +2,11 @@
 finite-difference directional derivatives of the forward loss (SPEC §3)."""
 import torch
 
-from lcredit.errors import check_choice, check_range
 from lcredit.models.base import preserved_buffers, run_blocks
 from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.rules.estimator import (FIELDS, LAYER_CODES, LOSS_SCALES, SCALES, CreditNet, Estimator, relative_sq,
-                                     unit_directions)
+from lcredit.options import Count, NonNegative, Positive
+from lcredit.rules.estimator import (CreditNet, Estimator, Field, LayerCode, LossScale, Scale,
+                                     relative_sq, unit_directions)
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
@@ -48,21 +48,15 @@ class VEC(Estimator):
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
                  feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="batch",
                  warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
-                 terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat", field_ln=True, layer_code="embed"):
+                 hL_dim=32, norm_fallback=False, M: Count = 4, eps: Positive = 1e-3,
+                 eps_scale: Scale = "absolute", one_sided: bool = False,
+                 terminal_weight: NonNegative = 1.0, shuffle_targets: bool = False,
+                 loss_scale: LossScale = "absolute", field: Field = "concat",
+                 field_ln: bool = True, layer_code: LayerCode = "embed"):
         super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
                          s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
                          periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        check_choice("method.field_ln", field_ln, (True, False))
-        check_choice("method.layer_code", layer_code, LAYER_CODES)
         self.field_ln, self.layer_code = bool(field_ln), layer_code
-        check_range("method.M", M, 1, integer=True)
-        check_range("method.eps", eps, 0.0, lo_open=True)
-        check_choice("method.eps_scale", eps_scale, SCALES)
-        check_range("method.terminal_weight", terminal_weight, 0.0)
-        check_choice("method.loss_scale", loss_scale, LOSS_SCALES)
-        check_choice("method.field", field, FIELDS)
         self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
         self.eps_scale, self.loss_scale, self.field_form = eps_scale, loss_scale, field
         self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
