@@ -36,7 +36,10 @@ def test_joblib_runs_the_jobs_in_parallel_processes(tmp_path):
     from hydra_plugins.lcredit_study.launchers import cores
 
     root = tmp_path / "joblib"
-    sweep(root, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    # jobs long enough (~10 epochs) that the two workers' start-up skew on a loaded machine
+    # cannot hide their overlap
+    sweep(root, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          "trainer.max_epochs=10", "protocol.every_n_epochs=10")
     runs = results(root)
     assert [r["status"] for r in runs] == ["completed", "completed"]
     a, b = (r["process"] for r in runs)

@@ -182,3 +182,23 @@ def test_the_runs_own_options_are_declared_too(override, message):
     cfg = OmegaConf.merge(cfg, override)
     with pytest.raises(ConfigError, match=message):
         config.validate(cfg)
+
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("lcredit.train", ["method=cb", "method.sigma_scal=relative"],
+     "method.sigma_scal: no such option; did you mean method.sigma_scale?"),
+    ("lcredit.train", ["trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
+    ("lcredit.train", ["method=cbb"], "Available options in 'method': blend, "),
+    ("lcredit.train", ["method.x=["], "method.x=[: "),
+    ("lcredit.probe", ["ckpt=x", "stepz=3"], "stepz: no such option; did you mean steps?"),
+    ("lcredit.audit", ["ckpt=x", "thresholds.e=3"], "thresholds.e: no such option"),
+])
+def test_a_mistake_hydra_finds_is_one_line_and_exit_2_too(module, args, needle, tmp_path):
+    """A key that does not exist, a group option that does not exist, bad override syntax:
+    Hydra finds these before lcredit runs; they still end in one line and exit code 2."""
+    from conftest import forked_cli
+
+    proc = forked_cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, lines

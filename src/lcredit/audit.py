@@ -18,7 +18,7 @@ from lcredit import baseline
 from lcredit.callbacks.protocol import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
-from lcredit.cli import check_hydra_dirs, quote_path_overrides, run_snapshot_tool
+from lcredit.cli import check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool
 from lcredit.config import read_checkpoint
 from lcredit.diagnostics.protocol import FrozenBaseline, check_thresholds
 from lcredit.errors import ConfigError
@@ -117,4 +117,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     quote_path_overrides()
     check_hydra_dirs("lcredit.audit")
-    main()
+    hydra_entry("lcredit.audit", main)

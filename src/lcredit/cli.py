@@ -1,5 +1,4 @@
 """Command-line helpers shared by the entry points."""
-import difflib
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +43,59 @@ def check_hydra_dirs(tool: str, argv=None) -> None:
             raise SystemExit(2) from None
 
 
+def hydra_error_line(err) -> str:
+    """Hydra's or OmegaConf's multi-line message about a command line as one line: an override
+    of a key nothing has names the nearest key; a group option that does not exist lists the
+    options there."""
+    cause = err.__cause__ if err.__cause__ is not None else err
+    node, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+    full_key = getattr(cause, "full_key", None)
+    if node is not None and key is not None and full_key and "not in struct" in str(cause):
+        from lcredit.options import unknown_key
+
+        prefix = full_key[:-len(str(key))] if full_key.endswith(str(key)) else ""
+        try:
+            known = [str(k) for k in node.keys()]
+        except Exception:  # noqa: BLE001 — a node that cannot list its keys
+            known = []
+        return str(unknown_key(key, known, prefix, "no such option"))
+    text = str(err).split("Config search path")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+             and "HYDRA_FULL_ERROR" not in ln and not ln.strip().startswith("See https://")]
+    override = getattr(err, "override", None) or getattr(cause, "override", None)
+    out: list[str] = [f"{override}:"] if isinstance(override, str) else []
+    for ln in lines:  # "Available options in 'method':" followed by one option a line
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + ln
+        elif out and out[-1].startswith("Available options") and ":" in out[-1]:
+            out[-1] += ", " + ln
+        else:
+            out.append(ln)
+    return "; ".join(out) or type(err).__name__
+
+
+def hydra_entry(tool: str, main) -> None:
+    """Run a ``@hydra.main`` entry point so that Hydra's own errors about the command line (an
+    override of a key that does not exist, a group option that does not exist, override
+    syntax) are one line and exit code 2, like lcredit's own; anything else is raised as it
+    is (``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full messages)."""
+    import os
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises, instead of printing and exit 1
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"{tool}: error: {hydra_error_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 def as_list(key: str, value) -> list:
     """A list option given as a list, or as one bare value (``rules=sb``, ``step_sizes=0.1``)."""
     from omegaconf import ListConfig, OmegaConf
@@ -75,15 +127,13 @@ def check_tool_keys(tool: str, cfg) -> None:
     hold per-rule / per-diagnostic options, checked where they are used)."""
     from omegaconf import OmegaConf
 
-    from lcredit.errors import ConfigError
+    from lcredit.options import unknown_key
 
     known = set(OmegaConf.load(Path(__file__).resolve().parent / "conf" / f"{tool}.yaml"))
     for key in cfg:
         if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(map(str, known - {"hydra",
-                                                                               "defaults"})), n=1)
-            raise ConfigError(f"{key}: no such option of lcredit.{tool}"
-                              + (f"; did you mean {near[0]}?" if near else ""))
+            raise unknown_key(key, known - {"hydra", "defaults"}, what=f"no such option of "
+                                                                    f"lcredit.{tool}")
 
 
 def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:

@@ -15,30 +15,6 @@ class DirectoryBusy(ConfigError):
     """The run directory is another live process's: nothing may be written there."""
 
 
-def check_choice(key: str, value, choices) -> None:
-    try:
-        known = value in choices
-    except TypeError:  # an unhashable value (a list or a mapping) is no choice
-        known = False
-    if not known:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def check_range(key: str, value, lo=None, hi=None, *, lo_open=False, integer=False) -> None:
-    """``value`` is a number (a whole one if ``integer``) within [lo, hi] (lo excluded if
-    ``lo_open``); anything else is a ConfigError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}={value!r} must be a {'whole ' if integer else ''}number")
-    if not math.isfinite(value):  # nan passes every comparison below
-        raise ConfigError(f"{key}={value!r} must be a finite number")
-    if integer and not float(value).is_integer():
-        raise ConfigError(f"{key}={value!r} must be a whole number")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ConfigError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}={value!r} must be <= {hi}")
-
-
 def check_finite(node, prefix: str = "") -> None:
     """Every number in a (resolved) config is finite: a nan or inf under any key is refused,
     naming the key (a nan passes any range check; saved as null, it would hide what ran)."""

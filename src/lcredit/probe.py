@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit.callbacks.protocol import evaluation_batches
-from lcredit.cli import as_list, check_hydra_dirs, quote_path_overrides, run_snapshot_tool
+from lcredit.cli import as_list, check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
 from lcredit.errors import ConfigError
@@ -163,4 +163,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     quote_path_overrides()
     check_hydra_dirs("lcredit.probe")
-    main()
+    hydra_entry("lcredit.probe", main)

@@ -33,7 +33,7 @@ from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
 from lcredit.data import DeviceBatches, batching, build_task, fit_to_model
 from lcredit.diagnostics import Report
 from lcredit.results import read_json, write_json
-from lcredit.cli import check_hydra_dirs, job_dirname, quote_path_overrides
+from lcredit.cli import check_hydra_dirs, hydra_entry, job_dirname, quote_path_overrides
 from lcredit.config import OptimLimits, RunOptions, TrainerLimits
 from lcredit.errors import ConfigError, DirectoryBusy
 from lcredit.models.base import compile_mode
@@ -737,4 +737,4 @@ if __name__ == "__main__":
     except ConfigError as err:
         print(f"lcredit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    main()
+    hydra_entry("lcredit", main)
