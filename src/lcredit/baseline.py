@@ -212,3 +212,53 @@ def linear_probe(task, epochs: int, batch_size: int = 128, lr: float = 1e-3, see
     with torch.no_grad():
         pred = probe(task.x_test.to(device).flatten(1)).argmax(1)
     return float((pred == task.y_test.to(device)).float().mean())
+
+
+def frozen_baseline(module, dataloaders, blocks, epochs: int = 1, lr: float = 1e-3,
+                    batch=None, loss_fn=None, forward=None) -> float:
+    """(d)'s comparator for a module of the user's (``lcredit.Protocol(frozen_baseline=...)``):
+    a copy of ``module`` with the ``blocks`` (names, patterns or a callable, as for the
+    Protocol) frozen at their current weights and everything else trained by backprop (Adam,
+    ``lr``) for ``epochs`` on ``dataloaders[0]``; returns its accuracy on ``dataloaders[1]``
+    (a fraction). Call it before training, on the freshly initialised module."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from lcredit.diagnostics.hooked import find_blocks
+
+    train_loader, test_loader = dataloaders
+    trainer_ref = getattr(module, "_trainer", None)
+    if trainer_ref is not None:
+        module._trainer = None
+    try:
+        net = copy.deepcopy(module)
+    finally:
+        if trainer_ref is not None:
+            module._trainer = trainer_ref
+    _, frozen = find_blocks(net, blocks)
+    frozen_ids = {id(p) for b in frozen for p in b.parameters()}
+    params = [p for p in net.parameters() if id(p) not in frozen_ids]
+    for b in frozen:
+        b.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=lr)
+    device = next(net.parameters()).device
+    split = batch or (lambda b: (b[0], b[1]))
+    run = forward or (lambda m, x: m(x))
+    loss = loss_fn or (lambda out, y: F.cross_entropy(out, y))
+    net.train()
+    for _ in range(int(epochs)):
+        for b in train_loader:
+            x, y = (t.to(device) for t in split(b))
+            opt.zero_grad(set_to_none=True)
+            loss(run(net, x), y).mean().backward()
+            opt.step()
+    net.eval()
+    right = total = 0
+    with torch.no_grad():
+        for b in test_loader:
+            x, y = (t.to(device) for t in split(b))
+            right += int((run(net, x).argmax(1) == y).sum())
+            total += len(y)
+    return right / max(total, 1)

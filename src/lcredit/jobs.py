@@ -14,6 +14,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lcredit.cli import hydra_error_line
 from lcredit.errors import ConfigError
 from lcredit.results import read_json
 
@@ -228,8 +229,7 @@ def compose_job(name: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose("config", overrides=[f"experiment={name}", *overrides])
     except (HydraException, OmegaConfBaseException) as err:  # a mistyped key or value
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{' '.join(overrides) or name}: {first}") from None
+        raise ConfigError(f"{' '.join(overrides) or name}: {hydra_error_line(err)}") from None
 
 
 class SourceFailed(RuntimeError):

@@ -154,7 +154,10 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
                 if found:
                     return 1, found[1]
         return None
-    return None  # a class, a callable, ...: what the reader does with it decides
+    if isinstance(hint, type) and origin is None:  # a class: an instance of it
+        return None if isinstance(value, hint) else (
+            0, f"{key}={value!r} must be a {hint.__name__}")
+    return None  # a generic alias, a callable signature, ...: the reader decides
 
 
 def _describe(hint) -> str | None:
@@ -167,7 +170,9 @@ def _describe(hint) -> str | None:
         return "a list"
     if hint is type(None):
         return "null"
-    return _TYPE_WORDS.get(hint)
+    if hint in _TYPE_WORDS:
+        return _TYPE_WORDS[hint]
+    return f"a {hint.__name__}" if isinstance(hint, type) else None
 
 
 def check_value(key: str, value, hint) -> None:

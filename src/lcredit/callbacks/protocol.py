@@ -2,6 +2,7 @@
 (``EarlyAbort``). Neither raises: a sweep always carries on to its next job."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -14,7 +15,7 @@ from lcredit.diagnostics import diagnose
 from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
 from lcredit.diagnostics.protocol import Abort, ProtocolOptions, check_thresholds
 from lcredit.errors import ConfigError
-from lcredit.options import checked
+from lcredit.options import Count, checked
 
 log = logging.getLogger("lcredit")
 
@@ -187,3 +188,194 @@ class EarlyAbort(Callback):
         log.warning("protocol: aborting at epoch %d: %s (saves %d of %d epochs)", report.epoch,
                     "; ".join(pl_module.abort_info["reasons"]), saved, epochs_total)
         trainer.should_stop = True
+
+
+class Protocol(Callback):
+    """The protocol for any LightningModule and DataLoader (docs/diagnostics.md, "In your own
+    Lightning code"): ``Trainer(callbacks=[Protocol(blocks=["layer1", "layer2"])])``.
+
+    ``blocks``: the modules that form the residual stream — names or glob patterns of
+    ``named_modules()`` (``"net.layers.*"``) or a callable returning them; h_0 is the first
+    block's input, h_l block l's output (``lcredit.diagnostics.hooked``). ``batch``:
+    ``fn(batch) -> (x, y)`` (default: the batch's first two items); ``loss_fn``: the per-sample
+    loss ``fn(output, y)`` (default cross-entropy); ``forward``: ``fn(module, x)`` (default
+    ``module(x)``); ``embed`` / ``readout``: ``fn(module, x) -> h_0`` / ``fn(module, h_L) ->
+    output`` where the hooks' defaults (everything before the first block / after the last)
+    do not fit.
+
+    Without credit it measures hidden norms, (a) and (b) — cheaply, every ``cheap_every``
+    epochs, and aborts on them. With ``credit=fn(module, x, y) -> [a_0..a_L]`` (or a
+    ``lcredit_credit(x, y)`` method on the module) every ``every_n_epochs`` epochs and after
+    the last it adds gamma (against a random-feedback null), rho, nudge and (c) (the shared
+    block-local update with that credit). (d) compares ``headline`` (a metric the module logs,
+    an accuracy in [0, 1]) with ``frozen_baseline`` (a number, a frozen run's results.json, or
+    what ``lcredit.frozen_baseline`` returns) after the last epoch.
+
+    An abort sets ``trainer.should_stop``; the reason is in ``state_dict()`` (checkpointed and
+    restored with the run) and in the logged metrics (``protocol/aborted``). It never raises
+    during training.
+    """
+
+    @checked("protocol", like=ProtocolOptions)
+    def __init__(self, blocks, *, credit=None, batch=None, loss_fn=None, forward=None,
+                 embed=None, readout=None, frozen_baseline=None, headline: str = "val_acc",
+                 every_n_epochs=5, cheap_every: Count = 1, eval_batches=2,
+                 stability_batches=10, seed=0, thresholds=None, measure=None, abort=None,
+                 print_report: bool = False):
+        self.blocks, self.credit, self.batch_fn = blocks, credit, batch
+        self.loss_fn, self.forward_fn, self.embed_fn, self.readout_fn = loss_fn, forward, embed, readout
+        self.headline = headline
+        self.every, self.cheap_every = int(every_n_epochs), int(cheap_every)
+        self.n_eval, self.n_stab, self.seed = int(eval_batches), int(stability_batches), int(seed)
+        self.thresholds = check_thresholds(thresholds)
+        self.measure_opts = dict(measure or {})
+        abort = {"enabled": True, "monitor": ["a", "b"], "min_epochs": 1, "patience": 1} | dict(abort or {})
+        monitor = abort["monitor"]
+        self.abort = dict(abort, monitor=[monitor] if isinstance(monitor, str) else list(monitor))
+        self.frozen_acc = _frozen_accuracy(frozen_baseline)
+        self.print_report = print_report
+        self.state = {"first_fired": {}, "abort": None, "streak": 0, "reports": [],
+                      "seconds": 0.0}
+        self._batches = None
+
+    # ------------------------------------------------------------------ Lightning's hooks
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = copy.deepcopy(state_dict)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._batches = None  # drawn at the first measurement, the same at every one
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.state["abort"] is not None:
+            return
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        full = (self.credit is not None or hasattr(pl_module, "lcredit_credit")) and (
+            epoch % self.every == 0 or last)
+        if not (full or epoch % self.cheap_every == 0 or last):
+            return
+        try:
+            report = self.measure(trainer, pl_module, epoch, full=full, last=last)
+        except ConfigError:
+            raise  # a mistake in the callback's arguments: the user must see it
+        except Exception as err:  # noqa: BLE001 — a measurement must never end the user's run
+            log.warning("lcredit.Protocol: the measurement at epoch %d failed (%s: %s)",
+                        epoch, type(err).__name__, err)
+            return
+        self._consider_abort(trainer, report, epoch)
+
+    # ------------------------------------------------------------------ measurement
+    def eval_batches(self, trainer, pl_module):
+        """The first batches of the train dataloader under the callback's seed (the user's
+        RNG and the loader's generator are left as they were): the same samples at every
+        measurement and after a resume."""
+        if self._batches is None:
+            loader = trainer.train_dataloader
+            n = max(self.n_eval, self.n_stab)
+            gens = [g for g in (getattr(loader, "generator", None),
+                                getattr(getattr(loader, "sampler", None), "generator", None))
+                    if isinstance(g, torch.Generator)]
+            saved = [g.get_state() for g in gens]
+            batches = []
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                for g in gens:
+                    g.manual_seed(self.seed)
+                for i, b in enumerate(loader):
+                    if i >= n:
+                        break
+                    x, y = self.batch_fn(b) if self.batch_fn else (b[0], b[1])
+                    batches.append((x.to(pl_module.device), y.to(pl_module.device)))
+            for g, s in zip(gens, saved):
+                g.set_state(s)
+            if not batches:
+                raise ConfigError("lcredit.Protocol: the train dataloader gave no batch")
+            self._batches = batches
+        return self._batches[:self.n_eval], self._batches[:self.n_stab]
+
+    def measure(self, trainer, pl_module, epoch: int, full: bool, last: bool):
+        from lcredit.diagnostics.hooked import HookedModel
+
+        t0 = time.perf_counter()
+        eval_b, stab_b = self.eval_batches(trainer, pl_module)
+        view = HookedModel(pl_module, self.blocks, self.forward_fn, self.embed_fn, self.readout_fn)
+        credit = None
+        if full:
+            user = self.credit or (lambda m, x, y: m.lcredit_credit(x, y))
+            credit = lambda net, x, y: user(net.module, x, y)  # noqa: E731 — the copy's module
+        headline = frozen = None
+        if last and self.frozen_acc is not None:
+            value = trainer.callback_metrics.get(self.headline)
+            headline = None if value is None else float(value)
+            frozen = self.frozen_acc
+        trainer_ref, pl_module._trainer = pl_module._trainer, None  # a copy without the Trainer
+        was_training = pl_module.training
+        try:
+            opts = {"loss_fn": self.loss_fn} if self.loss_fn is not None else {}
+            report = diagnose(view, eval_b, credit=credit, headline_acc=headline,
+                              frozen_baseline_acc=frozen, thresholds=self.thresholds,
+                              stability_batches=stab_b if full else [], epoch=epoch,
+                              first_fired=self.state["first_fired"], seed=self.seed,
+                              rule=type(pl_module).__name__, **self.measure_opts, **opts)
+        finally:
+            pl_module._trainer = trainer_ref
+            pl_module.train(was_training)
+        self.state["first_fired"] = {k: d["first_fired_epoch"] for k, d in report.diagnostics.items()}
+        row = {"epoch": epoch, "kind": "full" if full else "cheap", **compact(report)}
+        self.state["reports"].append(row)
+        self.state["seconds"] += time.perf_counter() - t0
+        self.last_report = report
+        metrics = {f"diag/hidden_norm/l{r['layer']}": float(r["hidden_norm"]) for r in report.layers}
+        metrics |= {f"diag/bp_grad_norm/l{r['layer']}": float(r["bp_grad_norm"]) for r in report.layers}
+        for k, d in report.diagnostics.items():
+            if d["measured"]:
+                metrics[f"protocol/{k}"] = float(d["value"])
+                metrics[f"protocol/{k}_fired"] = float(d["fired"])
+        metrics |= {f"diag/{k}": float(v) for k, v in report.aggregates.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.print_report or last:
+            log.info("lcredit.Protocol, epoch %d:\n%s", epoch, report.to_text())
+        return report
+
+    def _consider_abort(self, trainer, report, epoch: int) -> None:
+        a = self.abort
+        fired = [k for k in a["monitor"] if report.diagnostics[k]["fired"]]
+        self.state["streak"] = self.state["streak"] + 1 if fired else 0
+        if (not a["enabled"] or not fired or epoch < a["min_epochs"]
+                or self.state["streak"] < a["patience"]):
+            return
+        reasons = [r for r in report.reasons if r[1] in fired]
+        self.state["abort"] = {"epoch": epoch, "diagnostics": fired, "reasons": reasons,
+                               "max_epochs": trainer.max_epochs}
+        trainer.should_stop = True
+        for logger in trainer.loggers:
+            logger.log_metrics({"protocol/aborted": 1.0, "protocol/abort_epoch": float(epoch)},
+                               step=trainer.global_step)
+        log.warning("lcredit.Protocol: stopping at epoch %d: %s", epoch, "; ".join(reasons))
+
+    @property
+    def aborted(self) -> dict | None:
+        """The abort record (epoch, diagnostics, reasons), or None."""
+        return self.state["abort"]
+
+    @property
+    def reports(self) -> list[dict]:
+        """One compact report per measurement: epoch, kind (cheap / full), verdict, values."""
+        return self.state["reports"]
+
+
+def _frozen_accuracy(frozen_baseline) -> float | None:
+    """(d)'s comparator as an accuracy: a number, or a frozen run's results.json."""
+    if frozen_baseline is None:
+        return None
+    if isinstance(frozen_baseline, (int, float)):
+        return float(frozen_baseline)
+    from pathlib import Path
+
+    from lcredit.baseline import from_results
+
+    return from_results(Path(str(frozen_baseline)))["final_acc"]

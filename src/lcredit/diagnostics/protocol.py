@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Literal, TypedDict
 
@@ -10,7 +11,8 @@ from lcredit.options import Count, Fraction, Index, NonNegative, Positive, Range
 
 DEFAULT_THRESHOLDS = {"a": 50.0, "b": 1e-7, "c": 0.30, "d": 2.0}
 DiagnosticId = Literal["a", "b", "c", "d"]
-FrozenBaseline = Fraction | str | None  # an accuracy, a results.json, auto, or null (no (d))
+# an accuracy, a results.json, auto, or null (no (d))
+FrozenBaseline = Fraction | str | os.PathLike | None
 
 
 # The protocol's options (conf/protocol/default.yaml gives their defaults): each declared once
