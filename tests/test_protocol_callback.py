@@ -204,3 +204,19 @@ def test_bad_arguments_are_refused_by_name():
     with pytest.raises(lcredit.errors.ConfigError, match=r"did you mean blocks\.0"):
         from lcredit.diagnostics.hooked import find_blocks
         find_blocks(Net(), "block.0")
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("torchvision")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- protocol-example:start -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "the README lost its Protocol example"
+    monkeypatch.chdir(tmp_path)  # Lightning writes its logs and checkpoints under the cwd
+    scope = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    protocol = scope["protocol"]
+    assert [r["epoch"] for r in protocol.reports] == [1, 2]
+    assert protocol.reports[-1]["verdict"] in ("trustworthy", "walk back")
