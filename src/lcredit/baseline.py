@@ -172,11 +172,10 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
 
 def accuracy_at(frozen_baseline: dict | None, epoch: int, headline_acc=None):
     """The comparator for a measurement at ``epoch``: the frozen run's accuracy at the same
-    epoch when its history is known (fair mid-run), else its final; a frozen run is its own."""
-    if not frozen_baseline:
+    epoch when its history is known (fair mid-run), else its final. A frozen-blocks run has
+    none: compared with itself, (d) would be 0 and fire on every frozen run."""
+    if not frozen_baseline or frozen_baseline.get("source") == "self":
         return None
-    if frozen_baseline.get("source") == "self":
-        return headline_acc
     hist = frozen_baseline.get("history_acc") or []
     return hist[epoch - 1] if 0 < epoch <= len(hist) else frozen_baseline.get("final_acc")
 

@@ -171,7 +171,8 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
 # Overrides that do not make a job a different run: where it writes, how it logs, how the
 # protocol measures it. Left out of sweep directory names (config.yaml keeps every override).
 DIRNAME_SKIP = ("paths.", "logger", "callbacks", "protocol.measure.",
-                "protocol.print_report", "protocol.every_n_epochs", "protocol.frozen_baseline",
+                "protocol.print_report", "protocol.every_n_epochs", "protocol.cheap_every",
+                "protocol.frozen_baseline",
                 "trainer.enable_progress_bar",
                 "trainer.log_every_n_steps", "tags", "resume")
 DIRNAME_MAX = 80

@@ -358,6 +358,31 @@ class SignalStop(Callback):
         self._check()
 
 
+# Lightning's messages a user of lcredit cannot act on: advertising tips, the checkpoint
+# loader's note on `weights_only` (lcredit reads its own checkpoints), and a deprecation inside
+# Lightning's own code. Everything else Lightning says is kept.
+UNACTIONABLE = (r"💡 Tip", r"`weights_only` was not set")
+UNACTIONABLE_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _Unactionable(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(p) for p in UNACTIONABLE)
+
+
+def quiet_lightning() -> None:
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        log_ = logging.getLogger(name)
+        if not any(isinstance(f, _Unactionable) for f in log_.filters):
+            log_.addFilter(_Unactionable())
+    for pattern in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     """Train ``cfg.method`` on ``cfg.data`` with ``cfg.model``; write and return results.
 
@@ -370,6 +395,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     start = time.perf_counter()
     # Hydra's root handler already prints Lightning's messages; don't print them twice.
     logging.getLogger("lightning.pytorch").propagate = False
+    quiet_lightning()
     config.validate(cfg)
     if cfg.get("threads") not in (None, "null"):
         torch.set_num_threads(int(cfg.threads))
@@ -668,14 +694,18 @@ def print_summary(results: dict, out_dir: Path) -> None:
 
     table = Table(title=f"{results['rule']} on {results['task']} (seed {results['seed']}) "
                         f"— {results['status']}")
-    # gamma_hidden leads (SPEC §4), at the epochs the protocol measured
-    for col in ("epoch", "gamma_hidden", "train loss", "train acc", "test loss", "test acc",
-                "train s"):
-        table.add_column(col, justify="right")
+    # gamma_hidden leads (docs/metrics.md), at the epochs with a full measurement; (a)'s growth
+    # at every measured epoch. Seven columns fit an 80-column log (test loss: results.json).
+    for col in ("epoch", "gamma_hidden", "growth (a)", "train loss", "train acc", "test acc",
+                "sec"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results["history"]:
-        hidden = ((r.get("protocol") or {}).get("aggregates") or {}).get("gamma_hidden")
+        p = r.get("protocol") or {}
+        hidden = (p.get("aggregates") or {}).get("gamma_hidden")
+        growth = ((p.get("diagnostics") or {}).get("a") or {}).get("value")
         table.add_row(str(r["epoch"]), "" if hidden is None else _num(hidden),
-                      *(_num(r[k]) for k in ("train_loss", "train_acc", "test_loss", "test_acc")),
+                      "" if growth is None else f"{growth:.4g}",
+                      *(_num(r[k]) for k in ("train_loss", "train_acc", "test_acc")),
                       f"{r['train_time_s']:.1f}")
     console = Console()
     console.print(table)

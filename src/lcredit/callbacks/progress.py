@@ -21,6 +21,9 @@ class EpochLine(Callback):
         line = (f"epoch {r['epoch']}/{trainer.max_epochs} · train loss {_num(r.get('train_loss'))}"
                 f" acc {_num(r.get('train_acc'))} · test loss {_num(r.get('test_loss'))}"
                 f" acc {_num(r.get('test_acc'))} · {_num(r.get('train_time_s'), '.1f')} s")
+        growth = (((r.get("protocol") or {}).get("diagnostics") or {}).get("a") or {}).get("value")
+        if growth is not None:  # measured every epoch (protocol.cheap_every)
+            line += f" · growth {growth:.3g}"
         if hidden is not None:
             line += f" · gamma_hidden {hidden:.4f} · {verdict}"
         print(line, file=sys.stdout, flush=True)

@@ -46,8 +46,8 @@ class ProtocolMonitor(Callback):
     # are conf/protocol/default.yaml's
     @checked("protocol", like=ProtocolOptions)
     def __init__(self, every_n_epochs=5, eval_batches=2, stability_batches=10, batch_size=128,
-                 seed=0, thresholds=None, measure=None, print_report=True):
-        self.every = int(every_n_epochs)
+                 seed=0, thresholds=None, measure=None, print_report=True, cheap_every=1):
+        self.every, self.cheap_every = int(every_n_epochs), int(cheap_every)
         self.n_eval, self.n_stab, self.batch_size = int(eval_batches), int(stability_batches), int(batch_size)
         self.seed = int(seed)
         self.thresholds = check_thresholds(dict(thresholds or {}))
@@ -74,29 +74,45 @@ class ProtocolMonitor(Callback):
         return epoch % self.every == 0 or last or trainer.should_stop
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not pl_module.history or not self.due(trainer):
+        if trainer.sanity_checking or not pl_module.history:
             return
         row = pl_module.history[-1]
         if not math.isfinite(row.get("train_loss", math.nan)):
             return  # a diverged run has nothing left to measure
-        report = self.run(trainer, pl_module, row["epoch"], row.get("test_acc"))
-        for cb in trainer.callbacks:
-            if isinstance(cb, EarlyAbort):
-                cb.consider(trainer, pl_module, report)
+        full = self.due(trainer)
+        if not full and row["epoch"] % self.cheap_every:
+            return
+        abort = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyAbort)), None)
+        report = self.run(trainer, pl_module, row["epoch"], row.get("test_acc"), cheap=not full)
+        if not full and abort is not None and abort.would_stop(pl_module, report):
+            # the run ends here: with the full report, as at any measured epoch
+            report = self.run(trainer, pl_module, row["epoch"], row.get("test_acc"))
+        if abort is not None:
+            abort.consider(trainer, pl_module, report)
 
-    def run(self, trainer, pl_module, epoch, headline_acc):
+    def run(self, trainer, pl_module, epoch, headline_acc, cheap: bool = False):
+        """One measurement: the full report, or (``cheap``) the hidden norms, (a) and (b) only
+        — two forward passes and one backward on the evaluation batches, every epoch."""
         t0 = time.perf_counter()
         eval_b, stab_b, rho_b = self.batches(trainer)
         state = pl_module.protocol_state
-        report = diagnose(None, eval_b, credit=pl_module, headline_acc=headline_acc,
-                          frozen_baseline_acc=accuracy_at(self.frozen_baseline, epoch, headline_acc),
+        frozen_acc = accuracy_at(self.frozen_baseline, epoch, headline_acc)
+        report = diagnose(pl_module.model if cheap else None, eval_b,
+                          credit=None if cheap else pl_module, headline_acc=headline_acc,
+                          frozen_baseline_acc=None if cheap else frozen_acc,
                           thresholds=self.thresholds, stability_batches=stab_b, rho_batches=rho_b,
                           epoch=epoch, first_fired=state.get("first_fired"),
                           seed=self.seed, **self.measure_opts)
+        if (self.frozen_baseline or {}).get("source") == "self":
+            report.notes = [n for n in report.notes if not n.startswith("(d)")] + [
+                "(d) not evaluated: this is the frozen-blocks run, the comparator itself"]
         state["first_fired"] = {k: d["first_fired_epoch"] for k, d in report.diagnostics.items()}
-        state["last"] = report.to_dict()
-        state.setdefault("measured_epochs", []).append(epoch)
-        pl_module.history[-1]["protocol"] = compact(report)
+        if cheap:
+            state.setdefault("cheap_epochs", []).append(epoch)
+        else:
+            state["last"] = report.to_dict()
+            state.setdefault("measured_epochs", []).append(epoch)
+        pl_module.history[-1]["protocol"] = compact(report) | {"kind": "cheap" if cheap else "full"}
         self.log_report(trainer, report)
         # What the protocol cost this run (the bench script checks it against the 5% budget).
         state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t0
@@ -168,6 +184,12 @@ class EarlyAbort(Callback):
     def __init__(self, monitor=("a", "b"), min_epochs=1, patience=1):
         monitor = [monitor] if isinstance(monitor, str) else monitor
         self.monitor, self.min_epochs, self.patience = tuple(monitor), int(min_epochs), int(patience)
+
+    def would_stop(self, pl_module, report) -> bool:
+        """Whether ``consider`` would stop the run on ``report`` (nothing is changed)."""
+        fired = [k for k in self.monitor if report.diagnostics[k]["fired"]]
+        streak = pl_module.protocol_state.get("abort_streak", 0) + 1 if fired else 0
+        return bool(fired) and report.epoch >= self.min_epochs and streak >= self.patience
 
     def consider(self, trainer, pl_module, report):
         state = pl_module.protocol_state

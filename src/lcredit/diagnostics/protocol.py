@@ -44,6 +44,7 @@ class ProtocolOptions(TypedDict, total=False):
     frozen_baseline: FrozenBaseline
     frozen_baseline_check: bool
     every_n_epochs: Count
+    cheap_every: Count
     print_report: bool
     eval_batches: Count
     stability_batches: Annotated[int, Range(2)]
@@ -148,15 +149,21 @@ class Report:
             console.print(f"[bold]gamma_hidden = {_fmt(self.aggregates['gamma_hidden'])}[/bold] "
                           f"(mean cosine with backprop over layers 1..L-1)"
                           + (f" — {self.rule}" if self.rule else ""))
-        cols = self.layer_columns()
-        t = Table(title=f"per-layer credit quality — {self.rule or 'model'}"
-                        + (f", epoch {self.epoch}" if self.epoch is not None else ""))
-        t.add_column("layer", justify="right")
-        for c in cols:
-            t.add_column(c, justify="right")
-        for r in self.layers:
-            t.add_row(str(r["layer"]), *(_fmt(r.get(c)) for c in cols))
-        console.print(t)
+        # two narrow tables, not one wide one: a log is often 80 columns, and a cut value
+        # ("885.7…") is no value. null_gamma_std and gamma_flat: in results.json and markdown.
+        cols = [c for c in self.layer_columns() if c not in ("null_gamma_std", "gamma_flat")]
+        where = f" ({self.rule or 'model'}" + (f", epoch {self.epoch})" if self.epoch is not None else ")")
+        for title, group in ((f"credit vs backprop{where}", [c for c in cols if c not in STATE_COLUMNS]),
+                             (f"norms{where}", [c for c in cols if c in STATE_COLUMNS])):
+            if not group:
+                continue
+            t = Table(title=title)
+            t.add_column("layer", justify="right")
+            for c in group:
+                t.add_column(c, justify="right", no_wrap=True)
+            for r in self.layers:
+                t.add_row(str(r["layer"]), *(_short(r.get(c)) for c in group))
+            console.print(t)
         p = Table(title="protocol")
         for c in ("id", "diagnostic", "value", "threshold", "fired", "first fired"):
             p.add_column(c)
@@ -249,6 +256,16 @@ def _fmt(v) -> str:
             return f"{v:.3g}"
         return f"{v:.4f}"
     return str(v)
+
+
+STATE_COLUMNS = ("hidden_norm", "bp_grad_norm")
+
+
+def _short(v) -> str:
+    """A console cell: three significant digits (886, -0.0099, 7.34e-05), never cut."""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3g}"
+    return _fmt(v)
 
 
 def finite(o):
