@@ -148,10 +148,15 @@ def test_frozen_baseline_auto_trains_once_and_is_reused(make_cfg):
     assert branched["frozen_baseline"]["source"] != fb["source"]
 
 
-def test_frozen_run_is_its_own_comparator(make_cfg):
+def test_a_frozen_run_is_not_judged_by_d_against_itself(make_cfg):
+    """The frozen-blocks run is the comparator: compared with itself (d) would be 0 and fire
+    on every frozen run ("walk back — (d) 0.0000 < 2.0000")."""
     r = train(make_cfg("method=frozen", *TINY_LADDER, "trainer.max_epochs=1",
                        "protocol.frozen_baseline=auto"))
-    assert r["protocol"]["diagnostics"]["d"]["value"] == 0 and r["protocol"]["verdict"] == "walk back"
+    d = r["protocol"]["diagnostics"]["d"]
+    assert d["value"] is None and not d["fired"] and not d["measured"]
+    assert "(d)" not in " ".join(r["protocol"]["reasons"])
+    assert any("frozen-blocks run, the comparator itself" in n for n in r["protocol"]["notes"])
 
 
 @pytest.mark.parametrize("method", ["dfa", "fa"])
@@ -206,3 +211,25 @@ def test_audit_cli_and_two_job_sweep_with_one_abort(tmp_path):
     assert "verdict" in proc.stdout and (tmp_path / "audit" / "audit.md").exists()
 
     # a missing checkpoint through the CLI: test_reliability's test_cli_mistakes_exit_2...
+
+
+def test_a_run_stops_at_the_first_epoch_a_fires_not_at_the_full_cadence(make_cfg):
+    """(a) and (b) are measured every epoch (protocol.cheap_every=1), so a run stops at the
+    first epoch they fire, between the full measurements (every 5); the run then ends with the
+    full report of that epoch."""
+    base = ["method=dfa", *TINY_LADDER, "model.depth=4", "trainer.max_epochs=6",
+            "protocol.frozen_baseline=null", *LIGHT_MEASURE]
+    watch = train(make_cfg(*base, "protocol.abort.enabled=false", out="watch"))
+    rows = watch["history"]
+    kinds = [r["protocol"]["kind"] for r in rows]
+    assert kinds == ["cheap"] * 4 + ["full", "full"], kinds
+    growth = [r["protocol"]["diagnostics"]["a"]["value"] for r in rows]
+    a = max(growth[:2]) * 1.0001  # crossed after the second epoch, before the fifth if at all
+    first = next((e for e, g in enumerate(growth, start=1) if g > a), None)
+    assert first in (3, 4), growth  # a cheap epoch: the old cadence would have waited for 5
+
+    r = train(make_cfg(*base, f"protocol.thresholds.a={a}", out="stop"))
+    assert r["status"] == "aborted" and r["abort"]["epoch"] == first
+    assert len(r["history"]) == first and r["protocol"]["epoch"] == first
+    assert "gamma_hidden" in r["protocol"]["aggregates"]  # the full report of that epoch
+    assert r["protocol_first_fired"]["a"] == first
