@@ -625,6 +625,8 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         "abort": rule.abort_info,
         "previous_aborts": rule.protocol_state.get("previous_aborts", []),
         "protocol_time_s": rule.protocol_state.get("seconds", 0.0),
+        "protocol_cost": {f"{k}_{m}": rule.protocol_state.get(f"{k}_{m}", 0)
+                          for k in ("cheap", "full") for m in ("seconds", "count")},
         "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
         "init_from": branched,

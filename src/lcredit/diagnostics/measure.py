@@ -31,6 +31,22 @@ def measuring_copy(obj, dtype=torch.float64):
     return clone.to(dtype).eval()
 
 
+class MeasuringCopy:
+    """One float64 eval copy of a model, refreshed from its weights at each use instead of
+    copied anew: the every-epoch cheap measurement's copy costs a state-dict load, not a
+    deepcopy."""
+
+    def __init__(self):
+        self.net = None
+
+    def __call__(self, model):
+        if self.net is None:
+            self.net = measuring_copy(model)
+        else:
+            self.net.load_state_dict(model.state_dict())
+        return self.net
+
+
 def _is_rule(obj) -> bool:
     return hasattr(obj, "credit") and hasattr(obj, "model") and hasattr(obj, "compute_gradients")
 
@@ -95,7 +111,8 @@ def block_update_directions(source, model, batches, loss_fn):
 
 
 def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
-            stability_batches=None, rho_batches=None, **opts) -> dict:
+            stability_batches=None, rho_batches=None, model_is_copy: bool = False,
+            **opts) -> dict:
     """All per-layer metrics, aggregates and the raw values the protocol judges.
 
     ``model``: any module with embed / blocks / readout. ``batches``: list of (x, y).
@@ -104,6 +121,8 @@ def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
     ``costate``: optional ``fn(model, x, y) -> [p_0..p_L]``, a task's exact adjoint.
     ``rho_batches``: where rho pools its ``rho_samples`` from (default: ``batches``); fewer
     samples than asked for are used as they are and said so in the notes, never silently.
+    ``model_is_copy``: ``model`` is already a float64 eval copy the measurement may use as it
+    is (``MeasuringCopy``).
     """
     o = DEFAULTS | opts
     if loss_fn is None:  # a rule knows its task's loss (cross-entropy, or lq's quadratic cost)
@@ -114,13 +133,15 @@ def measure(model, batches, credit=None, *, loss_fn=None, costate=None,
     if not batches:
         raise ValueError("diagnose: no evaluation batches given")
     source = measuring_copy(credit) if _is_rule(credit) else credit
-    net = source.model if _is_rule(source) else measuring_copy(model)
+    net = (source.model if _is_rule(source) else model if model_is_copy else
+           measuring_copy(model))
     # (c) compares update directions, not credit against a gradient: float32 is ample there
     # and halves its cost (it runs the rule's full update K times).
     orig = next((credit.model if _is_rule(credit) else model).parameters()).dtype
     sdt = torch.float64 if orig == torch.float64 else torch.float32
     stab_source = measuring_copy(credit, sdt) if _is_rule(credit) else credit
-    stab_net = stab_source.model if _is_rule(stab_source) else measuring_copy(model, sdt)
+    stab_net = (stab_source.model if _is_rule(stab_source) else
+                measuring_copy(model, sdt) if credit is not None else None)  # no credit: no (c)
     gen = torch.Generator().manual_seed(int(o["seed"]))
     dev = next(net.parameters()).device
     batches = [(x.to(dev).double(), y.to(dev)) for x, y in batches]
