@@ -675,7 +675,7 @@ def lq_reference_credits(root: Path) -> tuple[list[str], dict]:
     is: the exact costate p_l, and the top's costate p_L given to every layer. The published
     sb and cb sit at the second."""
     from lcredit.audit import load_checkpoint, restore
-    from lcredit.callbacks.protocol import evaluation_batches
+    from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics.measure import measure
     from lcredit.jobs import compose_job, study_node
     from omegaconf import OmegaConf

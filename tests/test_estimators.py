@@ -329,7 +329,7 @@ def untrained_gamma_hidden(cfg):
     import lightning as L
 
     import lcredit
-    from lcredit.callbacks import evaluation_batches
+    from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.data import build_task
     from lcredit.train import build_rule, fit_task
     task = fit_task(cfg, build_task(cfg.data))

@@ -67,7 +67,7 @@ def published_measures(rule, task) -> dict:
     """gamma_flat_all and rho_all of the rule's credit as its protocol measures them (lcredit's
     own measurement, on the run's evaluation batches); an estimator in its warm-up is measured
     on its own credit, as it will be once it takes over."""
-    from lcredit.callbacks.protocol import evaluation_batches
+    from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics.measure import measure
 
     probe = copy.deepcopy(rule)

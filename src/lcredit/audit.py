@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit import baseline
-from lcredit.callbacks.protocol import evaluation_batches
+from lcredit.diagnostics.measure import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool

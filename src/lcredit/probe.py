@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lcredit.callbacks.protocol import evaluation_batches
+from lcredit.diagnostics.measure import evaluation_batches
 from lcredit.cli import as_list, check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool
 from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure

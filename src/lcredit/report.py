@@ -31,7 +31,13 @@ import numpy as np
 from lcredit.errors import ConfigError
 from lcredit.results import read_json
 
-DIAGNOSTICS = {"a": "growth", "b": "grad_floor", "c": "stability", "d": "margin"}
+
+def diagnostic_columns() -> dict:
+    """id -> column name of every diagnostic, from the protocol's one definition of them
+    (imported on use: lcredit.diagnostics loads torch, which reading results does not need)."""
+    from lcredit.diagnostics.protocol import DIAGNOSTICS
+
+    return {d.id: d.short for d in DIAGNOSTICS}
 DEFAULT_REPORTED = ["test_acc", "gamma_hidden", "gamma_deep", "rho_deep", "verdict"]
 NUMBERED = ("completed", "aborted")  # jobs whose final numbers are results
 
@@ -137,8 +143,9 @@ def metric(rec: dict, key: str):
     final = rec.get("final") or {}
     if key in ("test_acc", "train_acc", "test_loss", "train_loss"):
         return final.get(key)
-    if key in DIAGNOSTICS.values():
-        return _diag(rec, next(k for k, v in DIAGNOSTICS.items() if v == key))
+    columns = diagnostic_columns()
+    if key in columns.values():
+        return _diag(rec, next(k for k, v in columns.items() if v == key))
     if key == "hL_norm":
         return (_layers(rec) or [{}])[-1].get("hidden_norm")
     if key == "gL_norm":
@@ -456,7 +463,7 @@ def threshold_sensitivity(reports: list[dict]) -> list[dict]:
     from lcredit.diagnostics.protocol import VERDICT_IDS
 
     out = []
-    for k in ("a", "b", "c", "d"):
+    for k in diagnostic_columns():
         lo, hi, n, op, th = -math.inf, math.inf, 0, None, None
         for rep in reports:
             d = (rep.get("diagnostics") or {}).get(k) or {}
@@ -526,7 +533,7 @@ def diagnostics_figure(path: Path, title: str, records: list[dict]) -> None:
     order = _job_order(records)
     names = [job for job, _ in order]
     fig, axes = plt.subplots(1, 4, figsize=(max(12, 0.5 * len(names) * 4), 4.2))
-    for ax, (k, label) in zip(axes, DIAGNOSTICS.items()):
+    for ax, (k, label) in zip(axes, diagnostic_columns().items()):
         th, op, all_vals = None, None, []
         for i, (job, recs) in enumerate(order):
             vals = []
@@ -554,35 +561,45 @@ def diagnostics_figure(path: Path, title: str, records: list[dict]) -> None:
 
 
 def trajectories_figure(path: Path, title: str, records: list[dict]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    th_b, frozen = None, []
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    th_a, th_b, frozen = None, None, []
     for i, (job, recs) in enumerate(_job_order(records)):
         color = f"C{i % 10}"
         for j, r in enumerate(r for r in recs if r.get("history")):
             hist = r["history"]
-            meas = [(h["epoch"], h["protocol"]["layers"][-1]) for h in hist
+            # every measured epoch: (a), (b) and the norms are measured every epoch
+            meas = [(h["epoch"], h["protocol"]) for h in hist
                     if (h.get("protocol") or {}).get("layers")]
             lab = job if j == 0 else None
             if meas:
                 e = [m[0] for m in meas]
-                axes[0].plot(e, [m[1].get("hidden_norm") for m in meas], color=color, marker=".", label=lab)
-                axes[1].plot(e, [m[1].get("bp_grad_norm") for m in meas], color=color, marker=".")
-            axes[2].plot([h["epoch"] for h in hist], [h.get("test_acc") for h in hist], color=color)
-            d = ((r.get("protocol") or {}).get("diagnostics") or {}).get("b") or {}
-            th_b = d.get("threshold", th_b)
+                top = [m[1]["layers"][-1] for m in meas]
+                axes[0].plot(e, [t.get("hidden_norm") for t in top], color=color, marker=".", label=lab)
+                axes[1].plot(e, [t.get("bp_grad_norm") for t in top], color=color, marker=".")
+                axes[2].plot(e, [((m[1].get("diagnostics") or {}).get("a") or {}).get("value")
+                                 for m in meas], color=color, marker=".")
+            axes[3].plot([h["epoch"] for h in hist], [h.get("test_acc") for h in hist], color=color)
+            diags = (r.get("protocol") or {}).get("diagnostics") or {}
+            th_a = (diags.get("a") or {}).get("threshold", th_a)
+            th_b = (diags.get("b") or {}).get("threshold", th_b)
             fb = r.get("frozen_baseline") or {}
             if fb.get("final_acc") is not None:
                 frozen.append(fb["final_acc"])
     if th_b is not None:
         axes[1].axhline(th_b, color="red", ls="--", lw=1, label=f"(b) floor {th_b:g}")
+    if th_a is not None:
+        axes[2].axhline(th_a, color="red", ls="--", lw=1, label=f"(a) threshold {th_a:g}")
     if frozen:
-        axes[2].axhline(float(np.mean(frozen)), color="black", ls=":", lw=1.2,
+        axes[3].axhline(float(np.mean(frozen)), color="black", ls=":", lw=1.2,
                         label=f"frozen blocks {np.mean(frozen):.3f}")
-    for ax, name in zip(axes, ("‖h_L‖", "‖g_L‖", "test accuracy")):
+    for ax, name in zip(axes, ("‖h_L‖", "‖g_L‖", "(a) residual growth", "test accuracy")):
         ax.set_title(name)
         ax.set_xlabel("epoch")
-    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    for ax in axes[:3]:
         if ax.lines:
             ax.set_yscale("log")
     for ax in axes:

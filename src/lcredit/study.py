@@ -225,7 +225,7 @@ def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -
     import torch
 
     from lcredit.audit import load_checkpoint, restore
-    from lcredit.callbacks.protocol import evaluation_batches
+    from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics import diagnose, measure
     from lcredit.models.base import exact_credit
     from lcredit.train import build_rule

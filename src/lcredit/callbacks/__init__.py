@@ -1,4 +1,4 @@
 """Thin Lightning adapters over ``lcredit.diagnostics``: they schedule, log and stop."""
-from lcredit.callbacks.protocol import EarlyAbort, ProtocolMonitor, evaluation_batches
+from lcredit.callbacks.protocol import EarlyAbort, Protocol, ProtocolMonitor
 
-__all__ = ["EarlyAbort", "ProtocolMonitor", "evaluation_batches"]
+__all__ = ["EarlyAbort", "Protocol", "ProtocolMonitor"]

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from lcredit.baseline import accuracy_at
 from lcredit.diagnostics import diagnose
 from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
-from lcredit.diagnostics.measure import MeasuringCopy
-from lcredit.diagnostics.protocol import Abort, ProtocolOptions, check_thresholds
+from lcredit.diagnostics.measure import MeasuringCopy, evaluation_batches
+from lcredit.diagnostics.protocol import (DEFAULT_MONITOR, Abort, ProtocolOptions,
+                                         check_thresholds)
 from lcredit.errors import ConfigError
 from lcredit.options import Count, checked
 
@@ -22,21 +23,6 @@ log = logging.getLogger("lcredit")
 
 LAYER_METRICS = ("gamma", "null_gamma", "null_gamma_std", "rho", "hidden_norm", "bp_grad_norm",
                  "gamma_flat", "nudge", "costate_cosine")
-
-
-def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_size: int,
-                       seed: int = 0, rho_samples: int = 0):
-    """The fixed evaluation batches: (metrics, stability (c), rho's pool) — the same training
-    samples at every measurement and in a post-hoc audit, a function of the data and ``seed``
-    only. rho pools ``rho_samples`` samples from as many of these batches as that takes, so its
-    sample count does not depend on the batch size that (b) and (c) use."""
-    rho_batches = -(-int(rho_samples) // batch_size)
-    n = min(len(x), max(eval_batches, stability_batches, rho_batches) * batch_size)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:n]
-    order = order.to(x.device)
-    batches = [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
-               for i in range(0, n, batch_size)]
-    return batches[:eval_batches], batches[:stability_batches], batches[:max(rho_batches, 1)]
 
 
 class ProtocolMonitor(Callback):
@@ -192,7 +178,7 @@ class EarlyAbort(Callback):
     measurements at or after ``min_epochs``; records when, why and the compute saved."""
 
     @checked("protocol.abort", like=Abort)  # the defaults: conf/protocol/default.yaml's
-    def __init__(self, monitor=("a", "b"), min_epochs=1, patience=1):
+    def __init__(self, monitor=tuple(DEFAULT_MONITOR), min_epochs=1, patience=1):
         monitor = [monitor] if isinstance(monitor, str) else monitor
         self.monitor, self.min_epochs, self.patience = tuple(monitor), int(min_epochs), int(patience)
 
@@ -262,7 +248,8 @@ class Protocol(Callback):
         self.n_eval, self.n_stab, self.seed = int(eval_batches), int(stability_batches), int(seed)
         self.thresholds = check_thresholds(thresholds)
         self.measure_opts = dict(measure or {})
-        abort = {"enabled": True, "monitor": ["a", "b"], "min_epochs": 1, "patience": 1} | dict(abort or {})
+        abort = {"enabled": True, "monitor": DEFAULT_MONITOR, "min_epochs": 1,
+                 "patience": 1} | dict(abort or {})
         monitor = abort["monitor"]
         self.abort = dict(abort, monitor=[monitor] if isinstance(monitor, str) else list(monitor))
         self.frozen_acc = _frozen_accuracy(frozen_baseline)

@@ -18,6 +18,21 @@ DEFAULTS = dict(rho_samples=1024, rho_directions=32, rho_eps=1e-3, nudge_step=1e
                 null_draws=20, seed=0)
 
 
+def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_size: int,
+                       seed: int = 0, rho_samples: int = 0):
+    """The fixed evaluation batches: (metrics, stability (c), rho's pool) — the same training
+    samples at every measurement and in a post-hoc audit, a function of the data and ``seed``
+    only. rho pools ``rho_samples`` samples from as many of these batches as that takes, so its
+    sample count does not depend on the batch size that (b) and (c) use."""
+    rho_batches = -(-int(rho_samples) // batch_size)
+    n = min(len(x), max(eval_batches, stability_batches, rho_batches) * batch_size)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    order = order.to(x.device)
+    batches = [(x[order[i:i + batch_size]], y[order[i:i + batch_size]])
+               for i in range(0, n, batch_size)]
+    return batches[:eval_batches], batches[:stability_batches], batches[:max(rho_batches, 1)]
+
+
 def measuring_copy(obj, dtype=torch.float64):
     """An eval-mode deep copy of a model or rule in ``dtype`` (a rule's Trainer is not copied)."""
     trainer = getattr(obj, "_trainer", None)
@@ -41,7 +56,9 @@ class MeasuringCopy:
 
     def __call__(self, model):
         if self.net is None:
-            self.net = measuring_copy(model)
+            # the norms and g_l need gradients with respect to the states only: no parameter
+            # gradient is computed (the backward costs about half)
+            self.net = measuring_copy(model).requires_grad_(False)
         else:
             self.net.load_state_dict(model.state_dict())
         return self.net

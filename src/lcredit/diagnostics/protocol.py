@@ -5,23 +5,58 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Callable, Literal, TypedDict
 
 from lcredit.options import Count, Fraction, Index, NonNegative, Positive, Range, Seed, check_options
 
-DEFAULT_THRESHOLDS = {"a": 50.0, "b": 1e-7, "c": 0.30, "d": 2.0}
-DiagnosticId = Literal["a", "b", "c", "d"]
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One diagnostic of the protocol, defined once: the verdict, the report's columns, the
+    threshold option's declaration, the abort policy's default and lcredit.report all read it."""
+    id: str
+    name: str
+    measures: str                 # what its value is, in words
+    op: str                       # fires when value `op` threshold
+    threshold: float              # the default threshold (conf/protocol/default.yaml's)
+    declared: object              # the threshold option's type and range (lcredit.options)
+    value: Callable               # fn(measured, headline_acc, frozen_acc) -> float | None
+    judges: bool = True           # decides the verdict ((c) names a sub-mode instead)
+    aborts: bool = False          # in the default abort.monitor
+    cheap: bool = False           # measured by the every-epoch measurement (no credit needed)
+    short: str = ""               # its column name in lcredit.report's tables
+
+
+def _margin(measured, headline, frozen):
+    return 100.0 * (headline - frozen) if headline is not None and frozen is not None else None
+
+
+DIAGNOSTICS = (
+    Diagnostic("a", "residual growth", "max_l hidden_norm_{l+1} / hidden_norm_l", ">", 50.0,
+               Positive, lambda m, h, f: m.get("residual_growth"), aborts=True, cheap=True,
+               short="growth"),
+    Diagnostic("b", "gradient floor", "bp_grad_norm at h_L", "<", 1e-7, NonNegative,
+               lambda m, h, f: m.get("bp_grad_norm_top"), aborts=True, cheap=True,
+               short="grad_floor"),
+    Diagnostic("c", "cross-batch direction stability", "mean pairwise cosine of block updates",
+               ">", 0.30, Annotated[float, Range(-1.0, 1.0)],
+               lambda m, h, f: m.get("stability", {}).get("value"), judges=False,
+               short="stability"),
+    Diagnostic("d", "frozen-baseline comparator", "headline acc - frozen-blocks acc (pp)", "<",
+               2.0, float, _margin, short="margin"),
+)
+BY_ID = {d.id: d for d in DIAGNOSTICS}
+DEFAULT_THRESHOLDS = {d.id: d.threshold for d in DIAGNOSTICS}
+DESCRIPTIONS = {d.id: (d.name, d.measures, d.op) for d in DIAGNOSTICS}
+VERDICT_IDS = tuple(d.id for d in DIAGNOSTICS if d.judges)
+DEFAULT_MONITOR = [d.id for d in DIAGNOSTICS if d.aborts]
+DiagnosticId = Literal[tuple(BY_ID)]
 # an accuracy, a results.json, auto, or null (no (d))
 FrozenBaseline = Fraction | str | os.PathLike | None
 
-
 # The protocol's options (conf/protocol/default.yaml gives their defaults): each declared once
 # here, and checked by lcredit.options for the run's config, the callbacks and the audit alike.
-class Thresholds(TypedDict, total=False):
-    a: Positive                             # (a) fires when residual growth > a
-    b: NonNegative                          # (b) when bp_grad_norm at h_L < b
-    c: Annotated[float, Range(-1.0, 1.0)]   # (c) when direction stability (a cosine) > c
-    d: float                                # (d) when headline - frozen acc < d (pp)
+Thresholds = TypedDict("Thresholds", {d.id: d.declared for d in DIAGNOSTICS}, total=False)
 
 
 class Measure(TypedDict, total=False):
@@ -52,14 +87,6 @@ class ProtocolOptions(TypedDict, total=False):
     seed: Seed
     measure: Measure
     abort: Abort
-DESCRIPTIONS = {
-    "a": ("residual growth", "max_l hidden_norm_{l+1} / hidden_norm_l", ">"),
-    "b": ("gradient floor", "bp_grad_norm at h_L", "<"),
-    "c": ("cross-batch direction stability", "mean pairwise cosine of block updates", ">"),
-    "d": ("frozen-baseline comparator", "headline acc - frozen-blocks acc (pp)", "<"),
-}
-# (c) names a sub-mode; it never decides the verdict.
-VERDICT_IDS = ("a", "b", "d")
 
 
 def check_thresholds(thresholds: dict | None, prefix: str = "protocol.thresholds") -> dict:
@@ -205,13 +232,7 @@ class Report:
 def judge(measured: dict, headline_acc=None, frozen_baseline_acc=None, thresholds=None,
           rule=None, epoch=None, first_fired=None) -> Report:
     th = check_thresholds(thresholds)
-    values = {
-        "a": measured.get("residual_growth"),
-        "b": measured.get("bp_grad_norm_top"),
-        "c": measured.get("stability", {}).get("value"),
-        "d": (100.0 * (headline_acc - frozen_baseline_acc)
-              if headline_acc is not None and frozen_baseline_acc is not None else None),
-    }
+    values = {d.id: d.value(measured, headline_acc, frozen_baseline_acc) for d in DIAGNOSTICS}
     first_fired = dict(first_fired or {})
     diagnostics, reasons = {}, []
     for k, (name, what, op) in DESCRIPTIONS.items():
@@ -224,9 +245,10 @@ def judge(measured: dict, headline_acc=None, frozen_baseline_acc=None, threshold
                           "measured": v is not None and not (isinstance(v, float) and math.isnan(v))}
         if fired and k in VERDICT_IDS:
             reasons.append(f"({k}) {name}: {_fmt(v)} {op} {_fmt(th[k])}")
-    submode = None
-    if diagnostics["c"]["measured"]:
-        submode = "drift" if diagnostics["c"]["fired"] else "noise"
+    submode = None  # the diagnostic that does not judge names the failure's sub-mode instead
+    for d in DIAGNOSTICS:
+        if not d.judges and diagnostics[d.id]["measured"]:
+            submode = "drift" if diagnostics[d.id]["fired"] else "noise"
     notes = list(measured.get("notes", []))
     if not diagnostics["d"]["measured"]:
         notes.append("(d) not evaluated: no headline accuracy or frozen baseline given")
