@@ -220,3 +220,47 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     protocol = scope["protocol"]
     assert [r["epoch"] for r in protocol.reports] == [1, 2]
     assert protocol.reports[-1]["verdict"] in ("trustworthy", "walk back")
+
+
+def test_c_from_the_modules_own_steps_and_from_a_block_update_function(tmp_path):
+    """(c) on a module with no credit: from the parameter changes its optimizer makes on K
+    steps; with block_update=, from that function on the evaluation batches. Both equal the
+    mean pairwise cosine computed the long way."""
+    from lcredit.callbacks.protocol import _StepDirections
+    from lcredit.diagnostics.metrics import pairwise_mean_cosine
+
+    g = torch.Generator().manual_seed(0)
+    vecs = [[torch.randn(50, generator=g), torch.randn(30, generator=g)] for _ in range(6)]
+    steps = _StepDirections(2)
+    for v in vecs:
+        steps.add(v)
+    s = steps.stability()
+    assert s["value"] == pytest.approx(pairwise_mean_cosine([torch.cat(v) for v in vecs]), abs=1e-9)
+    assert s["per_block"][1] == pytest.approx(pairwise_mean_cosine([v[1] for v in vecs]), abs=1e-9)
+
+    class NoCredit(Net):  # a module that exposes no credit: norms, (a), (b) and (c) only
+        lcredit_credit = None
+
+    net = NoCredit(rule="bp")
+    own = Protocol(blocks="blocks.*", every_n_epochs=2, stability_batches=4,
+                   abort={"enabled": False})
+    fit(net, [own], 2, tmp_path / "own", enable_checkpointing=False)
+    stab = own.last_report.extra["stability"]
+    assert stab["source"] == "optimizer steps" and stab["k"] == 4
+    assert -1 <= own.last_report.diagnostics["c"]["value"] <= 1
+    assert own.reports[0]["kind"] == "cheap" and own.reports[1]["kind"] == "full"
+    assert "gamma" not in own.last_report.layers[1]  # (c) needs no credit; gamma does
+
+    def update(module, x, y):  # backprop's gradient of each block
+        module.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        return [[p.grad.clone() for p in b.parameters()] for b in module.blocks]
+
+    fn = Protocol(blocks="blocks.*", every_n_epochs=1, stability_batches=3, block_update=update,
+                  abort={"enabled": False})
+    net = Net(rule="bp")
+    fit(net, [fn], 1, tmp_path / "fn", enable_checkpointing=False)
+    vecs = [torch.cat([torch.cat([t.flatten() for t in b]) for b in update(net, x, y)])
+            for x, y in fn._batches[:3]]
+    assert fn.last_report.extra["stability"]["source"] == "block_update"
+    assert fn.last_report.diagnostics["c"]["value"] == pytest.approx(pairwise_mean_cosine(vecs), abs=1e-6)

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from lcredit.baseline import accuracy_at
 from lcredit.diagnostics import diagnose
 from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
-from lcredit.diagnostics.measure import MeasuringCopy, evaluation_batches
+from lcredit.diagnostics.measure import MeasuringCopy, evaluation_batches, measure
 from lcredit.diagnostics.protocol import (DEFAULT_MONITOR, Abort, ProtocolOptions,
-                                         check_thresholds)
+                                         check_thresholds, judge)
 from lcredit.errors import ConfigError
 from lcredit.options import Count, checked
 
@@ -225,8 +225,12 @@ class Protocol(Callback):
     Without credit it measures hidden norms, (a) and (b) — cheaply, every ``cheap_every``
     epochs, and aborts on them. With ``credit=fn(module, x, y) -> [a_0..a_L]`` (or a
     ``lcredit_credit(x, y)`` method on the module) every ``every_n_epochs`` epochs and after
-    the last it adds gamma (against a random-feedback null), rho, nudge and (c) (the shared
-    block-local update with that credit). (d) compares ``headline`` (a metric the module logs,
+    the last it adds gamma (against a random-feedback null), rho and nudge. (c) is measured at
+    those epochs too, with or without credit: from ``block_update=fn(module, x, y) -> [the
+    update of block 0, ..., block L-1]`` (tensors or lists of tensors) on the ``stability_batches``
+    evaluation batches, else from the parameter changes the module's own optimizer steps make
+    to each block on the first ``stability_batches`` steps of that epoch (for Adam and the
+    like: its update directions, not the raw gradient's). (d) compares ``headline`` (a metric the module logs,
     an accuracy in [0, 1]) with ``frozen_baseline`` (a number, a frozen run's results.json, or
     what ``lcredit.frozen_baseline`` returns) after the last epoch.
 
@@ -236,12 +240,14 @@ class Protocol(Callback):
     """
 
     @checked("protocol", like=ProtocolOptions)
-    def __init__(self, blocks, *, credit=None, batch=None, loss_fn=None, forward=None,
-                 embed=None, readout=None, frozen_baseline=None, headline: str = "val_acc",
+    def __init__(self, blocks, *, credit=None, block_update=None, batch=None, loss_fn=None,
+                 forward=None, embed=None, readout=None, frozen_baseline=None,
+                 headline: str = "val_acc",
                  every_n_epochs=5, cheap_every: Count = 1, eval_batches=2,
                  stability_batches=10, seed=0, thresholds=None, measure=None, abort=None,
                  print_report: bool = False):
         self.blocks, self.credit, self.batch_fn = blocks, credit, batch
+        self.block_update = block_update
         self.loss_fn, self.forward_fn, self.embed_fn, self.readout_fn = loss_fn, forward, embed, readout
         self.headline = headline
         self.every, self.cheap_every = int(every_n_epochs), int(cheap_every)
@@ -267,16 +273,36 @@ class Protocol(Callback):
         self.state = copy.deepcopy(state_dict)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        from lcredit.diagnostics.hooked import find_blocks
+
         self._batches = None  # drawn at the first measurement, the same at every one
+        self._block_modules = find_blocks(pl_module, self.blocks)[1]
+        self._steps = None
+
+    def _full_epoch(self, trainer, epoch: int) -> bool:
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return epoch % self.every == 0 or last
+
+    # (c) without a block_update function: the optimizer's own steps on the first K batches
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        track = self.block_update is None and self._full_epoch(trainer, trainer.current_epoch + 1)
+        self._steps = _StepDirections(len(self._block_modules)) if track else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._steps is not None and self._steps.k < self.n_stab:
+            self._steps.before([_flat_params(b) for b in self._block_modules])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._steps is not None and self._steps.pending:
+            self._steps.after([_flat_params(b) for b in self._block_modules])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.state["abort"] is not None:
             return
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        full = (self.credit is not None or hasattr(pl_module, "lcredit_credit")) and (
-            epoch % self.every == 0 or last)
-        if not (full or epoch % self.cheap_every == 0 or last):
+        full = self._full_epoch(trainer, epoch)
+        if not (full or epoch % self.cheap_every == 0):
             return
         try:
             report = self.measure(trainer, pl_module, epoch, full=full, last=last)
@@ -325,7 +351,7 @@ class Protocol(Callback):
         eval_b, stab_b, rho_b = self.eval_batches(trainer, pl_module)
         view = HookedModel(pl_module, self.blocks, self.forward_fn, self.embed_fn, self.readout_fn)
         credit = None
-        if full:
+        if full and (self.credit is not None or callable(getattr(pl_module, "lcredit_credit", None))):
             user = self.credit or (lambda m, x, y: m.lcredit_credit(x, y))
             credit = lambda net, x, y: user(net.module, x, y)  # noqa: E731 — the copy's module
         headline = frozen = None
@@ -338,13 +364,17 @@ class Protocol(Callback):
         try:
             opts = {"loss_fn": self.loss_fn} if self.loss_fn is not None else {}
             if full:
-                opts |= {"stability_batches": stab_b, "rho_batches": rho_b}
+                opts |= {"stability_batches": [], "rho_batches": rho_b}
             else:  # the every-epoch one: a refreshed copy, not a new one
                 view, opts = self._cheap_copy(view), opts | {"model_is_copy": True}
-            report = diagnose(view, eval_b, credit=credit, headline_acc=headline,
-                              frozen_baseline_acc=frozen, thresholds=self.thresholds,
-                              epoch=epoch, first_fired=self.state["first_fired"], seed=self.seed,
-                              rule=type(pl_module).__name__, **self.measure_opts, **opts)
+            measured = measure(view, eval_b, credit, seed=self.seed, **self.measure_opts, **opts)
+            if full:
+                measured["notes"] = [n for n in measured["notes"]
+                                     if not n.startswith("direction stability")]
+                measured["stability"] = self._stability(pl_module, stab_b)
+            report = judge(measured, headline, frozen, self.thresholds,
+                           rule=type(pl_module).__name__, epoch=epoch,
+                           first_fired=self.state["first_fired"])
         finally:
             pl_module._trainer = trainer_ref
             pl_module.train(was_training)
@@ -367,6 +397,20 @@ class Protocol(Callback):
         if self.print_report or last:
             log.info("lcredit.Protocol, epoch %d:\n%s", epoch, report.to_text())
         return report
+
+    def _stability(self, pl_module, batches) -> dict:
+        """(c): the mean pairwise cosine of the block updates, from ``block_update`` on the
+        evaluation batches or from the optimizer's steps recorded this epoch."""
+        if self.block_update is not None:
+            steps = _StepDirections(len(self._block_modules))
+            for x, y in batches:
+                update = self.block_update(pl_module, x, y)
+                steps.add([torch.cat([t.detach().flatten() for t in (u if isinstance(u, (list, tuple))
+                                                                     else [u])]) for u in update])
+            source = "block_update"
+        else:
+            steps, source = self._steps or _StepDirections(len(self._block_modules)), "optimizer steps"
+        return steps.stability() | {"source": source}
 
     def _consider_abort(self, trainer, report, epoch: int) -> None:
         a = self.abort
@@ -393,6 +437,55 @@ class Protocol(Callback):
     def reports(self) -> list[dict]:
         """One compact report per measurement: epoch, kind (cheap / full), verdict, values."""
         return self.state["reports"]
+
+
+def _flat_params(module) -> torch.Tensor:
+    params = [p.detach().flatten() for p in module.parameters()]
+    return torch.cat(params).clone() if params else torch.zeros(0)
+
+
+class _StepDirections:
+    """Running sums of unit update directions, per block and for all blocks together: the
+    mean pairwise cosine of K directions is (|sum u_i|^2 - K) / (K (K - 1)), so no direction
+    is kept (a resnet18's K = 10 updates would be 450 MB)."""
+
+    def __init__(self, n_blocks: int):
+        self.per_block = [None] * n_blocks
+        self.counts = [0] * n_blocks  # a block that did not move on a step has no direction
+        self.whole, self.whole_count, self.k, self.pending = None, 0, 0, None
+
+    def before(self, flats):
+        self.pending = flats
+
+    def after(self, flats):
+        self.add([b - a for a, b in zip(self.pending, flats)])
+        self.pending = None
+
+    def add(self, deltas):
+        def unit(v):
+            n = v.double().norm()
+            return v.double() / n if n > 0 else None
+
+        units = [unit(d) for d in deltas]
+        for i, u in enumerate(units):
+            if u is not None:
+                self.per_block[i] = u if self.per_block[i] is None else self.per_block[i] + u
+                self.counts[i] += 1
+        whole = unit(torch.cat([d.flatten() for d in deltas]))
+        if whole is not None:
+            self.whole = whole if self.whole is None else self.whole + whole
+            self.whole_count += 1
+        self.k += 1
+
+    def stability(self) -> dict:
+        def mean_cos(s, k):
+            if s is None or k < 2:
+                return math.nan
+            return float((s.pow(2).sum() - k) / (k * (k - 1)))
+
+        return {"value": mean_cos(self.whole, self.whole_count),
+                "per_block": [mean_cos(s, k) for s, k in zip(self.per_block, self.counts)],
+                "k": self.k}
 
 
 def _frozen_accuracy(frozen_baseline) -> float | None:
