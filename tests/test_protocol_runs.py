@@ -233,3 +233,20 @@ def test_a_run_stops_at_the_first_epoch_a_fires_not_at_the_full_cadence(make_cfg
     assert len(r["history"]) == first and r["protocol"]["epoch"] == first
     assert "gamma_hidden" in r["protocol"]["aggregates"]  # the full report of that epoch
     assert r["protocol_first_fired"]["a"] == first
+
+
+def test_one_protocol_implementation_its_state_in_the_checkpoint(make_cfg):
+    """lcredit's runs measure with the same Protocol callback a user adds to their own code;
+    what it found is its state, which the checkpoint carries and results.json reports."""
+    import torch
+
+    from lcredit.callbacks.protocol import saved_state
+
+    cfg = make_cfg("method=dfa", *TINY_LADDER, "trainer.max_epochs=2", "protocol.frozen_baseline=null")
+    assert cfg.callbacks.protocol_monitor._target_ == "lcredit.callbacks.Protocol"
+    r = train(cfg)
+    state = saved_state(torch.load(r["checkpoint"], map_location="cpu", weights_only=False))
+    assert state["first_fired"] == r["protocol_first_fired"]
+    assert state["last"]["epoch"] == r["protocol"]["epoch"] == 2
+    assert [x["epoch"] for x in state["reports"]] == [1, 2]
+    assert [x["kind"] for x in state["reports"]] == ["cheap", "full"]

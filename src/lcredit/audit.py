@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit import baseline
+from lcredit.callbacks.protocol import saved_state
 from lcredit.diagnostics.measure import evaluation_batches
 from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
@@ -86,7 +87,7 @@ def audit(ckpt_path, thresholds: dict | None = None, frozen_baseline: FrozenBase
         int(p.batch_size), int(p.seed), int(measure.get("rho_samples", 0)))
     th = dict(OmegaConf.to_container(p.thresholds, resolve=True)) | thresholds
     # first_fired from the run: the audit of the last state must not forget earlier firings.
-    first = (ckpt["lcredit"].get("protocol_state") or {}).get("first_fired")
+    first = saved_state(ckpt).get("first_fired")
     return diagnose(None, eval_b, credit=rule, headline_acc=headline,
                     frozen_baseline_acc=baseline.accuracy_at(fb, epoch, headline), thresholds=th,
                     stability_batches=stab_b, rho_batches=rho_b, epoch=epoch,

@@ -28,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import lcredit
 from lcredit import baseline, config, files
-from lcredit.callbacks import EarlyAbort, ProtocolMonitor
+from lcredit.callbacks import EarlyAbort
+from lcredit.callbacks.protocol import find as find_protocol
+from lcredit.callbacks.protocol import saved_state
 from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
 from lcredit.data import DeviceBatches, batching, build_task, fit_to_model
 from lcredit.diagnostics import Report
@@ -440,7 +442,6 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
     if rule.compile_mode is not None:
         log.info("trainer.compile: torch.compile mode %s", rule.compile_mode)
     rule.run_config = resolved
-    rule.resume_aborted = bool(resume_ckpt and resume_ckpt["lcredit"].get("abort"))
     branched = branch_from(rule, cfg.get("init_from"))
     # a bar only on a terminal; a log (SLURM, joblib, CI) gets one line per epoch instead
     bar = bool(tcfg.get("enable_progress_bar", True)) and sys.stdout.isatty()
@@ -482,9 +483,12 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
                                           num_classes=task.num_classes, resample=task.resample)
             test_batches = DeviceBatches(task.x_test, task.y_test, bcfg["eval_batch_size"],
                                          shuffle=False)
-            monitor = next((cb for cb in callbacks if isinstance(cb, ProtocolMonitor)), None)
-            if monitor is not None:
-                monitor.frozen_baseline = frozen_baseline
+            protocol = find_protocol(callbacks)
+            if protocol is not None:
+                protocol.frozen_baseline = frozen_baseline
+                # a resumed aborted run trained on on purpose keeps its abort record
+                protocol.continue_after_abort = bool(
+                    resume_ckpt and saved_state(resume_ckpt).get("abort"))
             if not cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
                 callbacks = [cb for cb in callbacks if not isinstance(cb, EarlyAbort)]
             with stop_on_signals() as signals:
@@ -515,7 +519,8 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             final_record(out_dir, failure_record(cfg, err, rule, start))
             raise
         results = run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
-                             interrupted=signum)
+                             interrupted=signum,
+                             protocol_state=protocol.state if protocol is not None else {})
         final_record(out_dir, results)
         wandb_summary(trainer, results)
         print_summary(results, out_dir)
@@ -559,7 +564,7 @@ def _refuse_aborted(ckpt: dict, cfg: DictConfig, path) -> None:
         raise ConfigError(f"resume={path}: that run diverged at epoch {diverged['epoch']} "
                           f"(step {diverged['step']}); its weights are not finite, there is "
                           f"nothing to resume. Start again with other settings.")
-    abort = (ckpt.get("lcredit") or {}).get("abort")
+    abort = saved_state(ckpt).get("abort")
     if abort and cfg.get("protocol", {}).get("abort", {}).get("enabled", True):
         raise RunAborted(
             f"resume={path}: the protocol aborted this run at epoch {abort['epoch']} "
@@ -571,18 +576,21 @@ class RunAborted(ConfigError):
     """Resuming a run the protocol aborted (not a mistake in the config; exits 0)."""
 
 
-def _status(rule) -> str:
+def _status(rule, protocol_state: dict) -> str:
     if any(r.get("status") == "diverged" for r in rule.history):
         return "diverged"
-    return "aborted" if rule.abort_info else "completed"
+    return "aborted" if protocol_state.get("abort") else "completed"
 
 
 def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
-               interrupted=None) -> dict:
+               interrupted=None, protocol_state: dict | None = None) -> dict:
+    """results.json of a run that trained: its rule's history, and what the Protocol callback
+    found (``protocol_state``: its state, empty where the run had none)."""
+    state = protocol_state or {}
     history = rule.history
     last = history[-1] if history else {}
-    status = "interrupted" if interrupted is not None else _status(rule)
-    report = rule.protocol_state.get("last")
+    status = "interrupted" if interrupted is not None else _status(rule, state)
+    report = state.get("last")
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     final = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
     final["epochs"] = len(history)
@@ -621,11 +629,11 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         "process": {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
                     "started": time.time() - (time.perf_counter() - start), "finished": time.time()},
         "protocol": report,
-        "protocol_first_fired": rule.protocol_state.get("first_fired"),
-        "abort": rule.abort_info,
-        "previous_aborts": rule.protocol_state.get("previous_aborts", []),
-        "protocol_time_s": rule.protocol_state.get("seconds", 0.0),
-        "protocol_cost": {f"{k}_{m}": rule.protocol_state.get(f"{k}_{m}", 0)
+        "protocol_first_fired": state.get("first_fired"),
+        "abort": state.get("abort"),
+        "previous_aborts": state.get("previous_aborts", []),
+        "protocol_time_s": state.get("seconds", 0.0),
+        "protocol_cost": {f"{k}_{m}": state.get(f"{k}_{m}", 0)
                           for k in ("cheap", "full") for m in ("seconds", "count")},
         "frozen_baseline": frozen_baseline,
         "resumed_from": str(resume) if resume else None,
@@ -680,7 +688,7 @@ def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
             "seed": seed if isinstance(seed, int) else None,
             "rule": getattr(rule, "name", None),
             "history": list(getattr(rule, "history", []) or []),
-            "abort": getattr(rule, "abort_info", None),
+            "abort": None,  # a failed run was not stopped by the protocol
             "wall_time_s": None if start is None else time.perf_counter() - start,
             "output_dir": str(cfg.paths.output_dir) if "paths" in cfg else None,
             "config": config_node, "versions": versions(), "command": " ".join(sys.argv)}

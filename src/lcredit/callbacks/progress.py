@@ -12,7 +12,8 @@ def _num(v, fmt=".4f") -> str:
 
 
 class EpochLine(Callback):
-    def on_validation_end(self, trainer, pl_module):
+    # after the epoch's validation and the protocol's measurement (both come before it)
+    def on_train_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or not getattr(pl_module, "history", None):
             return
         r = pl_module.history[-1]

@@ -133,10 +133,8 @@ class Rule(CheckedInit, L.LightningModule):
         self.test_loss = MeanMetric()
         self.test_acc = MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)
         self.history: list[dict] = []       # one row per epoch (results.json "history")
-        self.protocol_state: dict = {}       # first-fired epochs, last report (callbacks)
-        self.abort_info: dict | None = None  # set when the protocol stopped the run
+        # (the protocol's findings are the Protocol callback's state, not the rule's)
         self.divergence_info: dict | None = None  # where and when the loss went non-finite
-        self.resume_aborted = False  # set by train() when resuming an aborted run on purpose
         self._epoch_start_step = 0
         self.frozen_baseline: dict | None = None
         self.run_config: dict | None = None
@@ -541,31 +539,13 @@ class Rule(CheckedInit, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["lcredit"] = {"history": self.history, "config": self.run_config,
-                                 "rule": self.name, "protocol_state": self.protocol_state,
-                                 "abort": self.abort_info, "frozen_baseline": self.frozen_baseline,
+                                 "rule": self.name, "frozen_baseline": self.frozen_baseline,
                                  "divergence": self.divergence_info}
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint.get("lcredit", {})
         self.history = list(state.get("history", []))
-        self.protocol_state = dict(state.get("protocol_state") or {})
-        self.abort_info = state.get("abort")
         self.divergence_info = state.get("divergence")
-        if self.resume_aborted:
-            self.continue_after_abort()
-
-    def continue_after_abort(self) -> None:
-        """A resumed aborted run that trains on (its abort turned off) keeps the record: in the
-        history row of the abort epoch and in ``previous_aborts``."""
-        abort = self.abort_info
-        if not abort:
-            return
-        self.protocol_state.setdefault("previous_aborts", []).append(abort)
-        self.protocol_state["abort_streak"] = 0
-        for row in self.history:
-            if row.get("epoch") == abort.get("epoch"):
-                row["abort"] = abort
-        self.abort_info = None
 
     # ---------------------------------------------------------------- helpers
     @torch.no_grad()
