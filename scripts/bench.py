@@ -387,7 +387,7 @@ def render(report: dict, out: Path) -> None:
                       f"| the every-epoch measurement (norms, (a), (b)): seconds / share of an "
                       f"epoch (target ≤ 1%) | {1000 * p['cheap_s']:.1f} ms / "
                       f"{100 * p['cheap_share_of_epoch']:.2f}% |",
-                      f"| a full measurement (SPEC sizes: rho 1024 × 32 in float64, 20 null "
+                      f"| a full measurement (the sizes of docs/metrics.md: rho 1024 × 32 in float64, 20 null "
                       f"draws, (c) on 10 batches) | {p['full_s']:.2f}s "
                       f"({p['full_s'] / p['epoch_s']:.2f} epochs) |"]
         h = p.get("hooked")

@@ -171,9 +171,9 @@ def main():
               vec_targets(model, states, y, 4), 2e-3),
              ("cb", "K = 4 noisy samples of the bridge target per layer",
               cb_targets(cb, states, s), 1e-6),
-             ("protocol: rho", "32 directions per sample (SPEC's), float64",
+             ("protocol: rho", "32 directions per sample (docs/metrics.md's), float64",
               rho_pairs(model64, states64, credits64, y, 32, device), 1e-10),
-             ("protocol: null draws (dfa)", "20 redrawn feedbacks (SPEC's), float64",
+             ("protocol: null draws (dfa)", "20 redrawn feedbacks (docs/metrics.md's), float64",
               null_draws(dfa, xd, y, 20), 1e-10)]
     rows = []
     for name, what, (batched, looped), atol in cases:

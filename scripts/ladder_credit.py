@@ -4,7 +4,7 @@ to each of lcredit's switches (and the preset that sets them all), over several 
     python scripts/ladder_credit.py --readme README.md        # docs/ladder_credit.{json,md}
     python scripts/ladder_credit.py --jobs 8 --device cuda    # the same, 8 runs at a time on a GPU
 
-Setup (SPEC §7 "synthetic ladder"): ladder d=128, C=10, alpha=1, teacher depth 4, gain 1, a
+Setup (docs/studies.md "synthetic ladder"): ladder d=128, C=10, alpha=1, teacher depth 4, gain 1, a
 fixed 20k training set; the student (pre-LN residual MLP, no terminal LN) d=128, depth 4,
 trained as the ladder studies train it (Adam at 5e-5: docs/reproduction.md); default batch; no
 early abort and no frozen comparator. Epochs are fewer than the

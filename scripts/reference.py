@@ -5,7 +5,7 @@ network, rule state and batches, 20 steps of lcredit and of the loop end with th
 parameters (an estimator's included).
 
 The model: ``embed``, blocks ``h + fc2(act(fc1(ln(h))))`` and ``readout``; every state h_0..h_L
-has the same width d. Unless a rule says otherwise a step is SPEC §3's block-local update: the
+has the same width d. Unless a rule says otherwise a step is docs/rules.md's block-local update: the
 readout gets its exact gradient, block l the gradient of <f_l(sg h_l), sg a_{l+1}> / B and the
 embedding that of <h_0, sg a_0> / B, for per-sample credits a_l (B the batch size,
 e = softmax(logits) - onehot(y), g_L = B dLoss/dh_L the exact per-sample credit at the top).

@@ -11,9 +11,9 @@ from lcredit.rules import Rule
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
          "protocol.frozen_baseline=null"]
-# SPEC's rho (1024 samples x 32 directions) and 20 null draws cost minutes per measurement on
+# docs/metrics.md's rho (1024 samples x 32 directions) and 20 null draws cost minutes per measurement on
 # the image models in float64 on a 2-core CPU; runs in tests measure at smaller sizes, and the
-# tests of the measurement itself (test_diagnostics) and of the defaults use SPEC's.
+# tests of the measurement itself (test_diagnostics) and of the defaults use docs/metrics.md's.
 LIGHT_MEASURE = ["protocol.measure.rho_samples=256", "protocol.measure.rho_directions=8",
                  "protocol.measure.null_draws=4"]
 # For tests of plumbing around a run (resume, branching), not of the numbers measured.

@@ -28,7 +28,7 @@ def batches(k=4, n=128, seed=1):
 
 
 def test_bp_credit_is_perfectly_aligned_and_predictive():
-    # rho at SPEC's sizes: 1024 samples x 32 directions, pooled over eight batches of 128.
+    # rho at docs/metrics.md's sizes: 1024 samples x 32 directions, pooled over eight batches of 128.
     rep = lcredit.diagnose(None, batches(k=8), credit=BP(model(), SHAPE, C))
     for row in rep.layers:
         assert abs(row["gamma"] - 1) < 1e-6, row
@@ -213,7 +213,7 @@ def test_report_renders_text_markdown_json_and_template():
     assert "| layer |" in md and "Verdict" in md
     text = rep.to_text()
     assert "verdict" in text
-    # every rendering leads with gamma_hidden (SPEC §4: the layers no rule gets exactly)
+    # every rendering leads with gamma_hidden (docs/metrics.md: the layers no rule gets exactly)
     hidden = f"{rep.aggregates['gamma_hidden']:.4f}"
     assert list(rep.aggregates)[0] == "gamma_hidden"
     assert text.splitlines()[0].startswith(f"gamma_hidden = {hidden}")
@@ -241,7 +241,7 @@ def test_bad_thresholds_are_named():
 
 
 def test_diagnose_takes_any_module_with_embed_blocks_readout():
-    """SPEC §6: no lcredit base class needed — a plain nn.Module with the three parts."""
+    """docs/diagnostics.md: no lcredit base class needed — a plain nn.Module with the three parts."""
     from torch import nn
 
     class Plain(nn.Module):
@@ -264,7 +264,7 @@ def test_diagnose_takes_any_module_with_embed_blocks_readout():
 
 
 def test_a_run_measures_at_spec_sizes_by_default(make_cfg):
-    """The protocol's own defaults are SPEC §4's, and a run reports what it pooled."""
+    """The protocol's own defaults are docs/metrics.md's, and a run reports what it pooled."""
     from pathlib import Path
 
     from omegaconf import OmegaConf

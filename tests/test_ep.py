@@ -161,5 +161,5 @@ def test_resume_is_exact_and_history_has_the_relaxation(make_cfg, tmp_path):
     for row in history:
         # model.depth=2: the first L + 1 = 3 sweeps cannot have converged.
         assert 0 <= row["ep_residual"] < 0.01 and 3 < row["ep_steps"] <= 30, row
-        # SPEC's ep_displacement, logged beside the credit: one RMS per layer h_0..h_L
+        # docs/rules.md's ep_displacement, logged beside the credit: one RMS per layer h_0..h_L
         assert len(row["ep_displacement"]) == 3 and all(d > 0 for d in row["ep_displacement"]), row

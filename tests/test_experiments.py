@@ -1,4 +1,4 @@
-"""SPEC §7 studies as Hydra experiments: every swept value builds a rule on every sweep axis."""
+"""docs/studies.md studies as Hydra experiments: every swept value builds a rule on every sweep axis."""
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""Fidelity (SPEC §3): every rule's default is the original study's form, each lcredit
+"""Fidelity (docs/rules.md): every rule's default is the original study's form, each lcredit
 improvement is a named switch recorded in results.json, and each form does what its definition
 says — checked against hand computations, not against lcredit's own code."""
 import copy

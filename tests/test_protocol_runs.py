@@ -61,7 +61,7 @@ def test_abort_respects_min_epochs_patience_and_switch(make_cfg):
 
 @pytest.mark.slow
 def test_default_dfa_run_is_aborted_by_residual_growth(make_cfg):
-    """The failure shape of SPEC §5 on the default task: DFA's residual stream explodes."""
+    """The failure shape of docs/diagnostics.md on the default task: DFA's residual stream explodes."""
     results = train(make_cfg("method=dfa", *EVERY))
     assert results["status"] == "aborted", results["history"][-1]["protocol"]["diagnostics"]
     assert "a" in results["abort"]["diagnostics"]

@@ -1,4 +1,4 @@
-"""Studies (SPEC §7): the paper configs are the original settings, every study runs end to end
+"""Studies (docs/studies.md): the paper configs are the original settings, every study runs end to end
 at scale=smoke and reports, the report's numbers are numpy's, a staged rerun resumes."""
 import json
 import math
@@ -31,7 +31,7 @@ def _job_cfg(name, job):
 
 @pytest.mark.parametrize("name", STUDIES)
 def test_paper_scale_is_the_original_study(name):
-    """data, model, size, epochs, seeds, arms, axes and abort off, per stage, as SPEC §7 says."""
+    """data, model, size, epochs, seeds, arms, axes and abort off, per stage, as docs/studies.md says."""
     base = compose_job(name, [])
     assert base.scale == "paper"
     study = study_node(base)
@@ -78,7 +78,7 @@ def test_paper_scale_is_the_original_study(name):
             assert cfg.protocol.abort.enabled is False, "headline numbers are final-epoch numbers"
             if "data" in want:
                 assert _data_name(cfg.data) == want["data"], "data"
-            if want.get("model") == "linear_resmlp":  # a linear ResMLP (SPEC §2's lq learner)
+            if want.get("model") == "linear_resmlp":  # a linear ResMLP (docs/models_and_tasks.md's lq learner)
                 assert cfg.model.act == "identity" and not cfg.model.block_ln, "linear learner"
             elif "model" in want:
                 assert cfg.model._target_.rsplit(".", 1)[-1].lower() == want["model"].replace("_", ""), "model"

@@ -201,7 +201,7 @@ def columns(study: dict, records: list[dict]) -> list[str]:
             continue  # a figure
         else:
             out.append(key)
-    if "gamma_hidden" in out:  # SPEC §7: tables lead with gamma_hidden
+    if "gamma_hidden" in out:  # docs/studies.md: tables lead with gamma_hidden
         out.remove("gamma_hidden")
         out.insert(0, "gamma_hidden")
     return out

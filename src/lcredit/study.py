@@ -1,4 +1,4 @@
-"""Studies of SPEC §7, one command each: ``python -m lcredit.study <study> [scale=smoke] [...]``.
+"""Studies of docs/studies.md, one command each: ``python -m lcredit.study <study> [scale=smoke] [...]``.
 
 A study is ``conf/experiment/<study>.yaml``: the original settings as an experiment, plus a
 ``study:`` node that says what it sweeps (arms × axes × seeds) and, for studies with stages,
@@ -218,7 +218,7 @@ RUNNERS = {"train": _run_train, "probe": _run_probe, "exploit": _run_exploit,
 
 @checked()
 def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -> dict:
-    """The protocol's own controls on one checkpoint (SPEC §7, protocol calibration): the
+    """The protocol's own controls on one checkpoint (docs/studies.md, protocol calibration): the
     rule's gamma against ``null_draws`` fresh feedback draws; rho of backprop's gradient (≈ 1)
     and of random vectors (≈ 0); and the full protocol on a randomly initialised network of
     the same settings (its verdict should be trustworthy apart from (d), which needs a run)."""

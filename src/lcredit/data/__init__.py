@@ -67,7 +67,7 @@ class DeviceBatches:
     """Iterable of ``(x, y)`` minibatches drawn from device tensors.
 
     ``shuffle``: a fresh on-device permutation per epoch. ``random_targets``: every minibatch
-    gets i.i.d. uniform labels in ``[0, num_classes)`` (the negative control of SPEC §2), drawn
+    gets i.i.d. uniform labels in ``[0, num_classes)`` (the negative control of docs/models_and_tasks.md), drawn
     from the same per-epoch generator so they are reproducible too.
     """
 

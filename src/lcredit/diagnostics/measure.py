@@ -1,4 +1,4 @@
-"""Measure every per-layer metric of SPEC §4 for one model and one credit source."""
+"""Measure every per-layer metric of docs/metrics.md for one model and one credit source."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ from lcredit.diagnostics import metrics as M
 from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules.base import local_update_gradients
 
-# SPEC §4: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
+# docs/metrics.md: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
 # takes), null_gamma from 20 fresh feedback draws.
 DEFAULTS = dict(rho_samples=1024, rho_directions=32, rho_eps=1e-3, nudge_step=1e-2,
                 null_draws=20, seed=0)

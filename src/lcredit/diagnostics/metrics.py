@@ -1,4 +1,4 @@
-"""Per-layer credit-quality metrics (SPEC §4): pure functions of tensors and a block model.
+"""Per-layer credit-quality metrics (docs/metrics.md): pure functions of tensors and a block model.
 
 Conventions: ``states`` are h_0..h_L; ``credits`` and ``grads`` are per-sample credit (an
 estimate of d(per-sample loss)/dh_l, see ``lcredit.rules.base``) — BP's is ``B * g_l``. All

@@ -1,4 +1,4 @@
-"""The four-diagnostic protocol (SPEC §5) and its report."""
+"""The four-diagnostic protocol (docs/diagnostics.md) and its report."""
 from __future__ import annotations
 
 import json

@@ -11,7 +11,7 @@ class BlockModel(CheckedInit, nn.Module):
 
     Subclasses set ``self.embed`` (module), ``self.blocks`` (``nn.ModuleList``) and
     ``self.readout`` (module). A block may set ``residual = True`` when its output is
-    ``h + f(h)``; the penalty of SPEC §3 is then taken on ``f`` alone.
+    ``h + f(h)``; the penalty of docs/rules.md is then taken on ``f`` alone.
     """
 
     embed: nn.Module
@@ -31,7 +31,7 @@ class BlockModel(CheckedInit, nn.Module):
 
 
 # Rules and diagnostics call these, not methods, so any module with embed / blocks / readout
-# works with them (SPEC §6: the Python API needs nothing else of a model).
+# works with them (docs/diagnostics.md: the Python API needs nothing else of a model).
 def run_blocks(model, h: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
     """[h_start, ..., h_L]: the blocks from ``start`` on, applied to ``h`` = h_start."""
     hs = [h]

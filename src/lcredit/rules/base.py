@@ -1,4 +1,4 @@
-"""The rule base class and the one block-local update every local rule shares (SPEC §3).
+"""The rule base class and the one block-local update every local rule shares (docs/rules.md).
 
 A local rule only says how it computes credit ``a_l`` for each hidden state ``h_l``:
 ``top_credit`` gives ``a_L``, ``layer_credit`` gives ``a_l`` for ``l < L`` (top-down, so a rule
@@ -109,7 +109,7 @@ class Rule(CheckedInit, L.LightningModule):
     # The protocol's stability check (c) runs the update on a copy: it needs the block update
     # directions only, not a step of the rule's own estimator.
     aux_training = True
-    # option -> its value in the original study's form (SPEC §3 Fidelity), for the options
+    # option -> its value in the original study's form (docs/rules.md Fidelity), for the options
     # where lcredit offers a switch of its own; ``form()`` says which of them a rule departs from.
     ORIGINAL: dict = {}
 
@@ -167,7 +167,7 @@ class Rule(CheckedInit, L.LightningModule):
 
     def form(self) -> dict:
         """Which form of the rule runs: ``original`` when every option with an lcredit switch
-        has its reference value (SPEC §3 Fidelity), else the switches that depart from it.
+        has its reference value (docs/rules.md Fidelity), else the switches that depart from it.
         Options that do nothing in this configuration (``hL_dim`` without an _hL code) are not
         compared."""
         # an option whose attribute name is taken by a module (vec's ``field``) is ``<name>_form``

@@ -1,5 +1,5 @@
 """Scaffold blends: a = alpha * a_aux + (1 - alpha) * a_dfa, with an auxiliary source chosen
-to dissect what a learned credit field contributes (SPEC §3).
+to dissect what a learned credit field contributes (docs/rules.md).
 
 Sources (``source``):
 - ``vec``: the vector credit field, trained online on its perturbation targets (and taken
@@ -18,7 +18,7 @@ Sources (``source``):
 - ``dfa_norm_matched``: DFA's direction at the norm the vec blend would have (a norm control).
 
 The aux credit is what its own rule would give (the field through ``credit_norm``), and the
-blend is SPEC's ``alpha * a_aux + (1 - alpha) * a_dfa`` (``mix: plain``). ``mix: one_scale``
+blend is docs/rules.md's ``alpha * a_aux + (1 - alpha) * a_dfa`` (``mix: plain``). ``mix: one_scale``
 (lcredit's switch) mixes the two at one scale (each over its RMS, over the batch or per sample)
 and gives the mixture the alpha-interpolated RMS, so alpha is the share of direction. Either way
 alpha = 0 is DFA exactly and alpha = 1 the aux source exactly (for ``vec``: the vec rule's credit).
@@ -148,7 +148,7 @@ class Blend(VEC):
         return super().learned_credit(l, p)
 
     def blend(self, alpha: float, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """alpha * a + (1 - alpha) * d (``mix: plain``, SPEC's). ``mix: one_scale`` (lcredit's)
+        """alpha * a + (1 - alpha) * d (``mix: plain``, docs/rules.md's). ``mix: one_scale`` (lcredit's)
         mixes the two at one scale (each divided by its RMS, over the batch or per sample as
         credit_norm says) and gives the result the interpolated RMS, so alpha is the share of
         direction. Either way alpha = 1 is ``a`` and alpha = 0 is ``d`` exactly."""

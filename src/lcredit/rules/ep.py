@@ -1,4 +1,4 @@
-"""Equilibrium propagation (Scellier & Bengio 2017) on the layered energy of SPEC §3.
+"""Equilibrium propagation (Scellier & Bengio 2017) on the layered energy of docs/rules.md.
 
 States ``s_0..s_L`` relax on
 
@@ -85,7 +85,7 @@ CREDITS, UPDATE_POINTS = get_args(Credit), get_args(UpdatePoint)
 
 class EP(Rule):
     name = "ep"
-    # SPEC §3: ep's default is the literature's EP (Scellier & Bengio); the original study's
+    # docs/rules.md: ep's default is the literature's EP (Scellier & Bengio); the original study's
     # variant, credit=displacement, is a departure from it that results.json names.
     ORIGINAL = {"update_at": "nudged", "credit": "prediction_error"}
     FORM_REFERENCE = ("the literature's EP (Scellier & Bengio); the original study's variant is "

@@ -1,4 +1,4 @@
-"""What the learned credit estimators (sb, cb, vec, blend) share (SPEC §3).
+"""What the learned credit estimators (sb, cb, vec, blend) share (docs/rules.md).
 
 An estimator rule is DFA plus a trained auxiliary network: its fixed feedback is the fallback
 credit (cb's warm-up, ``topdown``'s lower blocks, the blend's other half), and the auxiliary
@@ -30,7 +30,7 @@ SType = Literal["none", "eT", "deltaL", "eT_hL", "deltaL_hL"]
 S_TYPES = get_args(SType)
 
 
-# true / "sample": SPEC's a / (RMS(a) + 1e-6) with each sample's own RMS (the original form);
+# true / "sample": docs/rules.md's a / (RMS(a) + 1e-6) with each sample's own RMS (the original form);
 # "batch": lcredit's switch, the RMS over the layer's whole batch of credit.
 CREDIT_NORMS = {True: "sample", False: None, "batch": "batch", "sample": "sample", "none": None}
 CreditNorm = Literal[True, False, "batch", "sample", "none"]
@@ -50,7 +50,7 @@ def credit_rms(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
 
 
 def rms_normalise(a: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
-    """credit_norm: a / (RMS(a) + 1e-6), the RMS over each sample's own credit (SPEC's form,
+    """credit_norm: a / (RMS(a) + 1e-6), the RMS over each sample's own credit (docs/rules.md's form,
     ``credit_norm: sample``) or over the layer's whole batch (``credit_norm: batch``).
 
     Per-sample normalisation gives a sample the model already gets right (tiny e, tiny

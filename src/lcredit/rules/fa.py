@@ -101,7 +101,7 @@ MAX_DENSE_FEEDBACK = 2**24
 
 class FA(Rule):
     name = "fa"
-    # The original study's FA is blockwise (SPEC §3 Fidelity); layerwise is Lillicrap's.
+    # The original study's FA is blockwise (docs/rules.md Fidelity); layerwise is Lillicrap's.
     ORIGINAL = {"variant": "blockwise"}
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
@@ -124,7 +124,7 @@ class FA(Rule):
             for l in range(len(self.state_shapes) - 1):
                 s_in, s_out = self.state_shapes[l], self.state_shapes[l + 1]
                 # A token sequence keeps its shape through a block: one d x d matrix per block,
-                # shared by the tokens (SPEC: "B_l fixed random d x d").
+                # shared by the tokens (docs/rules.md: "B_l fixed random d x d").
                 tokenwise = len(s_in) == 2 and s_in == s_out
                 self._tokenwise.append(tokenwise)
                 shape = (s_in[-1], s_out[-1]) if tokenwise else (self.state_dim(l),

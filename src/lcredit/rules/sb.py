@@ -1,4 +1,4 @@
-"""State bridge: per-layer predictors of the final hidden state; credit through them (SPEC §3)."""
+"""State bridge: per-layer predictors of the final hidden state; credit through them (docs/rules.md)."""
 from typing import Literal, get_args
 
 import torch

@@ -1,5 +1,5 @@
 """Direct vector credit field: a network that outputs the credit itself, trained on
-finite-difference directional derivatives of the forward loss (SPEC §3)."""
+finite-difference directional derivatives of the forward loss (docs/rules.md)."""
 import torch
 
 from lcredit.models.base import preserved_buffers, run_blocks
