@@ -441,7 +441,7 @@ def run_config(run: Run, device: str = "cpu", threads: int = 1):
     from hydra.core.global_hydra import GlobalHydra
 
     from lcredit.jobs import _quote, arm_job
-    from lcredit.train import CONF_DIR
+    from lcredit.build import CONF_DIR
 
     user = [f"{a}={v}" for a, v in run.point.items()] + list(run.overrides) + [f"seed={run.seed}"]
     if device == "cuda":
@@ -743,7 +743,7 @@ def render(root: Path, out: Path, readme: str | None) -> str:
     search_lines, search_data = search_section(root)
     confirm_lines, confirm_data, verdict = confirm_section(root)
     lq_lines, lq_data = lq_reference_credits(root)
-    from lcredit.train import versions
+    from lcredit.results import versions
 
     lines = [
         "# Reproducing the original study's offline results",

@@ -24,7 +24,7 @@ from lcredit.config import read_checkpoint
 from lcredit.diagnostics.protocol import FrozenBaseline, check_thresholds
 from lcredit.errors import ConfigError
 from lcredit.options import checked
-from lcredit.train import CONF_DIR, build_rule, fit_task
+from lcredit.build import CONF_DIR, build_rule, fit_task
 
 
 def load_checkpoint(path) -> dict:

@@ -222,7 +222,7 @@ def compose_job(name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lcredit.train import CONF_DIR
+    from lcredit.build import CONF_DIR
 
     GlobalHydra.instance().clear()
     try:
@@ -237,7 +237,7 @@ class SourceFailed(RuntimeError):
 
 
 def known_studies() -> list[str]:
-    from lcredit.train import CONF_DIR
+    from lcredit.build import CONF_DIR
 
     return sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 

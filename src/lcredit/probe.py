@@ -21,7 +21,7 @@ from lcredit.diagnostics import measure
 from lcredit.errors import ConfigError
 from lcredit.options import Count, Index, checked
 from lcredit.rules.estimator import Estimator
-from lcredit.train import CONF_DIR, build_rule
+from lcredit.build import CONF_DIR, build_rule
 
 def group_config(group: str, name: str, what: str) -> DictConfig:
     """conf/<group>/<name>.yaml, or a ConfigError naming ``what`` and the known choices."""

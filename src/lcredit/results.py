@@ -3,6 +3,8 @@ of every number a user sees."""
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 from pathlib import Path
 
 from lcredit.diagnostics.protocol import finite
@@ -25,3 +27,28 @@ def read_json(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def versions() -> dict:
+    """The versions and the commit a result was produced with (saved with every result)."""
+    import hydra as _hydra
+    import lightning
+    import torch
+    import torchvision
+
+    import lcredit
+
+    out = {"lcredit": lcredit.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "lightning": lightning.__version__, "hydra": _hydra.__version__}
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5).stdout.strip() or None
+        out["git_dirty"] = bool(subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out

@@ -178,7 +178,7 @@ def _tool_options(job: Job) -> dict:
 
 
 def _tool_record(job: Job, d: Path, ckpt: Path, kind: str, result: dict, start: float) -> None:
-    from lcredit.train import versions
+    from lcredit.results import versions
 
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "results.json", {
@@ -228,7 +228,7 @@ def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -
     from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics import diagnose, measure
     from lcredit.models.base import exact_credit
-    from lcredit.train import build_rule
+    from lcredit.build import build_rule
 
     snapshot, task, cfg = restore(load_checkpoint(ckpt_path), data_root)
     p = cfg.protocol

@@ -1,7 +1,7 @@
 """Train one learning rule: ``python -m lcredit.train method=fa model.depth=8 seed=1,2 -m``.
 
 ``train(cfg)`` is a plain function (tests call it in-process); ``main`` is the Hydra entry.
-This is the one place that instantiates models, rules, tasks, loggers and callbacks.
+Models, rules and optimisers are built by lcredit.build; loggers and callbacks here.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,30 +20,26 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-import lcredit
 from lcredit import baseline, config, files
 from lcredit.callbacks import EarlyAbort
 from lcredit.callbacks.protocol import find as find_protocol
 from lcredit.callbacks.protocol import saved_state
 from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
-from lcredit.data import DeviceBatches, batching, build_task, fit_to_model
+from lcredit.data import DeviceBatches, batching, build_task
 from lcredit.diagnostics import Report
-from lcredit.results import read_json, write_json
+from lcredit.build import CONF_DIR, build_rule, fit_task
+from lcredit.results import read_json, versions, write_json
 from lcredit.cli import check_hydra_dirs, hydra_entry, job_dirname, quote_path_overrides
-from lcredit.config import OptimLimits, RunOptions, TrainerLimits
+from lcredit.config import TrainerLimits
 from lcredit.errors import ConfigError, DirectoryBusy
 from lcredit.models.base import compile_mode
 from lcredit.options import check_options
 
 log = logging.getLogger("lcredit")
-# The config groups ship inside the package (conf/ at the repository root links here), so an
-# installed lcredit (pip install .) finds them as well as a checkout does.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "64-true", "64")
 
 # Sweep job dirs read `method=fa,model.depth=8/seed=1`; a sweep over seeds alone: `defaults/seed=1`
@@ -54,27 +49,6 @@ if not OmegaConf.has_resolver("lcredit_subdir"):
         "lcredit_subdir", lambda overrides: job_dirname(OmegaConf.to_container(overrides)
                                                         if OmegaConf.is_config(overrides)
                                                         else overrides))
-
-
-def versions() -> dict:
-    import hydra as _hydra
-    import lightning
-    import torchvision
-
-    out = {"lcredit": lcredit.__version__, "python": platform.python_version(),
-           "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "lightning": lightning.__version__, "hydra": _hydra.__version__}
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        out["git_commit"] = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-            timeout=5).stdout.strip() or None
-        out["git_dirty"] = bool(subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
 
 
 def _check_trainer(tcfg: dict) -> None:
@@ -97,57 +71,6 @@ def _check_trainer(tcfg: dict) -> None:
 
 def _device(tcfg: dict) -> torch.device:
     return torch.device("cuda" if tcfg.get("accelerator") in ("gpu", "cuda") else "cpu")
-
-
-def _instantiate_group(group: str, node: DictConfig, **extra):
-    """Instantiate ``node`` after checking its keys against the target's signature."""
-    if "_target_" not in node:
-        raise ConfigError(f"{group}: no _target_ (choose one with {group}=<name>)")
-    target = get_class(node._target_)
-    opts = {k: v for k, v in node.items() if not str(k).startswith("_")}
-    check_options(target.__init__, opts, group)
-    try:
-        return instantiate(node, **extra, _convert_="all")
-    except InstantiationException as err:
-        # Hydra wraps a constructor's error; a ConfigError underneath is the message to show.
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
-
-
-def fit_task(cfg: DictConfig, task):
-    """The task as the configured model takes it (image models get (C, S, S) images)."""
-    if "_target_" not in cfg.model:
-        raise ConfigError("model: no _target_ (choose one with model=<name>)")
-    return fit_to_model(task, get_class(cfg.model._target_), cfg.model)
-
-
-def build_rule(cfg: DictConfig, task):
-    """Model and rule for ``task`` (already fitted to the model by ``fit_task``)."""
-    model = _instantiate_group("model", cfg.model, input_shape=task.input_shape,
-                               num_classes=task.num_classes)
-    if task.check_model is not None:
-        task.check_model(model)
-    optimizer = None
-    if cfg.get("optim"):
-        if "_target_" not in cfg.optim:
-            raise ConfigError("optim: no _target_ (choose one with optim=<name>)")
-        opts = {k: v for k, v in cfg.optim.items() if not str(k).startswith("_")}
-        check_options(get_class(cfg.optim._target_).__init__, opts, "optim", also=OptimLimits)
-        optimizer = instantiate(cfg.optim)
-    rule = _instantiate_group("method", cfg.method, model=model, input_shape=task.input_shape,
-                              num_classes=task.num_classes, optimizer=optimizer)
-    rule.loss_kind, rule.costate = task.loss, task.costate
-    fixed = cfg.get("fixed_network", False)
-    if fixed not in (True, False):
-        raise ConfigError(f"fixed_network={fixed!r} must be true or false")
-    rule.fixed_network = bool(fixed)
-    check_options(RunOptions, {k: cfg[k] for k in ("lr_schedule", "block_grad_clip") if k in cfg})
-    rule.lr_schedule = cfg.get("lr_schedule", "constant")
-    clip = cfg.get("block_grad_clip")
-    if clip is not None:
-        rule.block_grad_clip = float(clip)
-    return rule
 
 
 def branch_from(rule, path) -> dict | None:
