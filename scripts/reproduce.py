@@ -674,7 +674,7 @@ def lq_reference_credits(root: Path) -> tuple[list[str], dict]:
     network of the study's runs, read from one of its checkpoints) exactly as the runs' credit
     is: the exact costate p_l, and the top's costate p_L given to every layer. The published
     sb and cb sit at the second."""
-    from lcredit.audit import load_checkpoint, restore
+    from lcredit.snapshots import load_checkpoint, restore
     from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics.measure import measure
     from lcredit.jobs import compose_job, study_node

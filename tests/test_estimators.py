@@ -288,7 +288,7 @@ def test_linear_alpha_decay_reaches_alpha_end():
 def test_estimator_state_is_saved_and_restored(method, make_cfg):
     r = train(make_cfg(f"method={method}", *TINY_LADDER, "data.n_train=256",
                        "trainer.max_epochs=1", "method.width=32"))
-    from lcredit.audit import load_checkpoint, restore
+    from lcredit.snapshots import load_checkpoint, restore
     ckpt = load_checkpoint(r["checkpoint"])
     rule, _, _ = restore(ckpt)
     saved = ckpt["state_dict"]

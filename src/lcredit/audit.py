@@ -8,60 +8,19 @@ perfect alignment of 1.0.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lcredit import baseline
 from lcredit.callbacks.protocol import saved_state
 from lcredit.diagnostics.measure import evaluation_batches
-from lcredit.data import build_task
 from lcredit.diagnostics import Report, diagnose
 from lcredit.cli import check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool
-from lcredit.config import read_checkpoint
 from lcredit.diagnostics.protocol import FrozenBaseline, check_thresholds
 from lcredit.errors import ConfigError
 from lcredit.options import checked
-from lcredit.build import CONF_DIR, build_rule, fit_task
-
-
-def load_checkpoint(path) -> dict:
-    return read_checkpoint(path, "ckpt")
-
-
-def restore(ckpt: dict, data_root=None):
-    """The run's rule with the checkpoint's state, its task, and its config."""
-    cfg = OmegaConf.create(ckpt["lcredit"]["config"])
-    if data_root is not None:
-        with open_dict(cfg):
-            if "root" in cfg.data:
-                cfg.data.root = str(data_root)
-    task = fit_task(cfg, build_task(cfg.data))
-    torch.manual_seed(int(cfg.seed))
-    rule = build_rule(cfg, task)
-    unrecorded = [k for k in type(rule).ORIGINAL if k not in cfg.method]
-    if unrecorded:  # an older lcredit's checkpoint: which form ran is not known
-        raise ConfigError(
-            f"refusing to audit: the checkpoint's config does not record "
-            f"{', '.join('method.' + k for k in unrecorded)} (written before those options "
-            f"existed), so the form of its {rule.name!r} rule is unknown; lcredit will not guess.")
-    state = ckpt["state_dict"]
-    expected = rule.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ConfigError(
-            f"refusing to audit: the checkpoint lacks state the {rule.name!r} rule needs for its "
-            f"credit: {', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. lcredit will "
-            f"not substitute backprop's gradient (that would report a perfect alignment).")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise ConfigError(f"refusing to audit: the checkpoint has state the {rule.name!r} rule "
-                          f"does not know: {', '.join(unexpected[:6])}")
-    rule.load_state_dict(state, strict=True)
-    rule.on_load_checkpoint(ckpt)
-    return rule, task, cfg
+from lcredit.build import CONF_DIR
+from lcredit.snapshots import load_checkpoint, restore
 
 
 @checked()

@@ -7,12 +7,9 @@ network, separated from whether training with it would have reached that network
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lcredit.diagnostics.measure import evaluation_batches
 from lcredit.cli import as_list, check_hydra_dirs, hydra_entry, quote_path_overrides, run_snapshot_tool
@@ -20,83 +17,13 @@ from lcredit.data import DeviceBatches
 from lcredit.diagnostics import measure
 from lcredit.errors import ConfigError
 from lcredit.options import Count, Index, checked
-from lcredit.rules.estimator import Estimator
-from lcredit.build import CONF_DIR, build_rule
-
-def group_config(group: str, name: str, what: str) -> DictConfig:
-    """conf/<group>/<name>.yaml, or a ConfigError naming ``what`` and the known choices."""
-    folder = Path(CONF_DIR) / group
-    path = folder / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise ConfigError(f"{what}: no conf/{group}/{name}.yaml (known: {known})")
-    return OmegaConf.load(path)
-
-
-def method_config(name: str, overrides=None) -> DictConfig:
-    return OmegaConf.merge(group_config("method", name, f"rule {name!r}"), overrides or {})
-
-
-def split_rule(entry: str) -> tuple[str, str]:
-    """``label:method`` names one rule twice with other options (``cb_deltaL:cb`` with
-    overrides.cb_deltaL.s_type=deltaL); a bare name is its own label."""
-    label, _, method = str(entry).partition(":")
-    return label, (method or label)
-
-
-def rule_on_snapshot(snapshot, cfg: DictConfig, task, name: str, overrides=None, optim=None):
-    """A fresh ``name`` rule wrapped around a copy of the snapshot's network, its feedback and
-    estimator initialised from the run's seed (so a dfa rule on a dfa snapshot has the
-    snapshot's own feedback). ``optim``: a conf/optim name for the estimator's optimizer
-    (None: the snapshot run's)."""
-    run_cfg = copy.deepcopy(cfg)
-    with open_dict(run_cfg):
-        run_cfg.method = method_config(name, overrides)
-        if optim is not None:
-            run_cfg.optim = group_config("optim", optim, f"estimator_optim={optim!r}")
-    torch.manual_seed(int(cfg.seed))
-    rule = build_rule(run_cfg, task)
-    rule.model.load_state_dict(snapshot.model.state_dict())
-    rule.run_config = OmegaConf.to_container(run_cfg, resolve=True)
-    return rule
-
-
-def fit_estimator(rule, batches: DeviceBatches, steps: int) -> list[float]:
-    """``steps`` estimator-only updates on the frozen network; returns the estimator loss of
-    the first and last tenth of the steps (mean over each)."""
-    if not isinstance(rule, Estimator) or steps == 0:
-        return []
-    rule.updates_model = lambda: False   # the snapshot stays frozen: only the estimator learns
-    # ... in eval mode, as the diagnostics measure it (BatchNorm on its running statistics).
-    was_training = rule.model.training
-    rule.model.eval()
-    opt = rule.make_optimizer()
-    losses, done = [], 0
-    while done < steps:
-        for x, y in batches:
-            opt.zero_grad(set_to_none=True)
-            before = rule._aux_sums[0].clone()  # on device: no host sync per step
-            rule.compute_gradients(x, y)
-            opt.step()
-            rule.after_step()
-            losses.append(rule._aux_sums[0] - before)
-            done += 1
-            if done == steps:
-                break
-        batches.sampler.set_epoch(batches.sampler.epoch + 1)
-    del rule.updates_model
-    rule.model.train(was_training)
-    losses = torch.stack(losses).tolist()
-    k = max(1, steps // 10)
-    return [sum(losses[:k]) / k, sum(losses[-k:]) / k]
-
+from lcredit.build import CONF_DIR
+from lcredit.snapshots import fit_estimator, load_checkpoint, restore, rule_on_snapshot, split_rule
 
 @checked()
 def probe(ckpt_path, rules=("dfa", "sb", "cb", "vec"), steps: Index = 500,
           overrides: dict | None = None, batch_size: Count | None = None,
           data_root: str | None = None, optim: str | None = "adam") -> dict:
-    from lcredit.audit import load_checkpoint, restore
-
     rules = as_list("rules", rules)
     overrides = overrides or {}
     labels = [split_rule(r)[0] for r in rules]

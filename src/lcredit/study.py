@@ -224,7 +224,7 @@ def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -
     the same settings (its verdict should be trustworthy apart from (d), which needs a run)."""
     import torch
 
-    from lcredit.audit import load_checkpoint, restore
+    from lcredit.snapshots import load_checkpoint, restore
     from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.diagnostics import diagnose, measure
     from lcredit.models.base import exact_credit
