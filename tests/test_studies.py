@@ -279,3 +279,9 @@ def test_the_study_layer_sits_on_top():
     assert not {m for m in imports["cli"] if m.startswith("lcredit.")
                 and m.split(".")[1] not in ("errors", "results", "options")}, imports["cli"]
     assert "lcredit.train" not in imports["report"]  # the report reads files, it trains nothing
+    # the tools build on the layer below them (build, snapshots), never on each other or on
+    # the training entry point
+    tools = {"lcredit.train", "lcredit.audit", "lcredit.probe", "lcredit.exploit"}
+    for tool in ("audit", "probe", "exploit"):
+        assert not {m for m in imports[tool] if m.rsplit(".", 1)[0] in tools
+                    or m in tools} - {f"lcredit.{tool}"}, (tool, imports[tool] & tools)
