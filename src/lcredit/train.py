@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import signal
 import sys
 import time
@@ -28,7 +26,7 @@ from lcredit.callbacks.checkpoint_io import AtomicCheckpointIO
 from lcredit.data import DeviceBatches, batching, build_task
 from lcredit.diagnostics import Report
 from lcredit.build import CONF_DIR, build_rule, fit_task
-from lcredit.results import read_json, versions, write_json
+from lcredit.results import failure_record, final_record, read_json, run_record, write_json
 from lcredit.cli import check_hydra_dirs, hydra_entry, job_dirname, quote_path_overrides
 from lcredit.config import TrainerLimits
 from lcredit.errors import ConfigError, DirectoryBusy
@@ -405,124 +403,6 @@ def _refuse_aborted(ckpt: dict, cfg: DictConfig, path) -> None:
 
 class RunAborted(ConfigError):
     """Resuming a run the protocol aborted (not a mistake in the config; exits 0)."""
-
-
-def _status(rule, protocol_state: dict) -> str:
-    if any(r.get("status") == "diverged" for r in rule.history):
-        return "diverged"
-    return "aborted" if protocol_state.get("abort") else "completed"
-
-
-def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, start,
-               interrupted=None, protocol_state: dict | None = None) -> dict:
-    """results.json of a run that trained: its rule's history, and what the Protocol callback
-    found (``protocol_state``: its state, empty where the run had none)."""
-    state = protocol_state or {}
-    history = rule.history
-    last = history[-1] if history else {}
-    status = "interrupted" if interrupted is not None else _status(rule, state)
-    report = state.get("last")
-    ckpt = out_dir / "checkpoints" / "last.ckpt"
-    final = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-    final["epochs"] = len(history)
-    divergence = rule.divergence()
-    if divergence is not None:
-        # A diverged model's argmax accuracy is not a result: no final numbers, but where
-        # and when it broke.
-        final.update({k: None for k in ("train_loss", "train_acc", "test_loss", "test_acc")})
-    if report is not None and divergence is not None:
-        report = dict(report, stale=True, notes=list(report.get("notes") or []) + [
-            f"stale: measured at epoch {report.get('epoch')}, before the run diverged at epoch "
-            f"{divergence['epoch']} (step {divergence['step']})"])
-    return {
-        "status": status,
-        "rule": rule.name,
-        # The original study's form of the rule, or the lcredit switches that depart from it.
-        "form": rule.form(),
-        "block_grad_clip": rule.block_grad_clip,
-        # true: the network stayed as initialised; only the rule's estimator trained
-        "fixed_network": rule.fixed_network,
-        # trainer.compile as it ran: the torch.compile mode, or null (eager)
-        "compile_mode": rule.compile_mode,
-        "task": task.name,
-        "task_notes": list(task.notes),
-        "study": study_record(cfg),
-        "seed": int(cfg.seed),
-        "final": final,
-        "divergence": divergence,
-        "interrupted": None if interrupted is None else {
-            "signal": signal.Signals(interrupted).name, "epochs_done": len(history),
-            "resume_with": f"resume={ckpt}"},
-        "history": history,
-        "wall_time_s": time.perf_counter() - start,
-        "train_time_s": sum(r["train_time_s"] for r in history),
-        # which process ran it, and when (parallel launchers: the jobs' spans overlap)
-        "process": {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
-                    "started": time.time() - (time.perf_counter() - start), "finished": time.time()},
-        "protocol": report,
-        "protocol_first_fired": state.get("first_fired"),
-        "abort": state.get("abort"),
-        "previous_aborts": state.get("previous_aborts", []),
-        "protocol_time_s": state.get("seconds", 0.0),
-        "protocol_cost": {f"{k}_{m}": state.get(f"{k}_{m}", 0)
-                          for k in ("cheap", "full") for m in ("seconds", "count")},
-        "frozen_baseline": frozen_baseline,
-        "resumed_from": str(resume) if resume else None,
-        "init_from": branched,
-        "checkpoint": str(ckpt) if ckpt.exists() else None,
-        "output_dir": str(out_dir),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": versions(),
-        "command": " ".join(sys.argv),
-    }
-
-
-def study_record(cfg) -> dict | None:
-    """The study, scale, stage, arm and axis point of a study's job (None for a lone run)."""
-    study = cfg.get("study")
-    if study is None:
-        return None
-    point = study.get("point")
-    return {"name": study.get("name"), "scale": cfg.get("scale", "paper"),
-            "stage": study.get("stage", "main"), "arm": study.get("arm"),
-            "point": OmegaConf.to_container(point, resolve=True) if point is not None else {},
-            "job": study.get("job")}
-
-
-def final_record(out_dir: Path, record: dict) -> None:
-    """The run's results.json, written into the room its reserve kept (a full disk still gets
-    its failure record); a record that cannot be written is said on stderr, never lost
-    silently."""
-    files.release(out_dir)
-    try:
-        write_json(out_dir / "results.json", record)
-    except OSError as err:
-        print(f"lcredit: error: {out_dir / 'results.json'}: cannot write the run's record "
-              f"({err.strerror or err}); status {record.get('status')}: "
-              f"{record.get('error') or ''}", file=sys.stderr, flush=True)
-        if record.get("status") == "completed":
-            raise
-
-
-def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
-    """results.json of a run that failed: the error and what it had done so far."""
-    try:
-        config_node = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 — the failure may be in the config itself
-        config_node = OmegaConf.to_container(cfg, resolve=False)
-    seed = cfg.get("seed")
-    try:
-        study = study_record(cfg)
-    except Exception:  # noqa: BLE001
-        study = None
-    return {"status": "failed", "error": f"{type(err).__name__}: {err}", "study": study,
-            "seed": seed if isinstance(seed, int) else None,
-            "rule": getattr(rule, "name", None),
-            "history": list(getattr(rule, "history", []) or []),
-            "abort": None,  # a failed run was not stopped by the protocol
-            "wall_time_s": None if start is None else time.perf_counter() - start,
-            "output_dir": str(cfg.paths.output_dir) if "paths" in cfg else None,
-            "config": config_node, "versions": versions(), "command": " ".join(sys.argv)}
 
 
 def _num(v) -> str:
