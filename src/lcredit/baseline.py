@@ -220,22 +220,14 @@ def frozen_baseline(module, dataloaders, blocks, epochs: int = 1, lr: float = 1e
     Protocol) frozen at their current weights and everything else trained by backprop (Adam,
     ``lr``) for ``epochs`` on ``dataloaders[0]``; returns its accuracy on ``dataloaders[1]``
     (a fraction). Call it before training, on the freshly initialised module."""
-    import copy
-
     import torch
     import torch.nn.functional as F
 
     from lcredit.diagnostics.hooked import find_blocks
+    from lcredit.diagnostics.measure import copy_without_trainer
 
     train_loader, test_loader = dataloaders
-    trainer_ref = getattr(module, "_trainer", None)
-    if trainer_ref is not None:
-        module._trainer = None
-    try:
-        net = copy.deepcopy(module)
-    finally:
-        if trainer_ref is not None:
-            module._trainer = trainer_ref
+    net = copy_without_trainer(module)
     _, frozen = find_blocks(net, blocks)
     frozen_ids = {id(p) for b in frozen for p in b.parameters()}
     params = [p for p in net.parameters() if id(p) not in frozen_ids]

@@ -247,8 +247,7 @@ class Protocol(Callback):
         headline = self._headline(trainer, pl_module) if full else None
         frozen = accuracy_at(self.frozen_baseline, epoch, headline) if full else None
         loss_fn = self.loss_fn or (pl_module.per_sample_loss if rule else None)
-        trainer_ref, pl_module._trainer = pl_module._trainer, None  # a copy without the Trainer
-        was_training = pl_module.training
+        was_training = pl_module.training  # (measure copies without the Trainer)
         try:
             opts = {"loss_fn": loss_fn} if loss_fn is not None else {}
             if full:
@@ -264,8 +263,7 @@ class Protocol(Callback):
             report = judge(measured, headline, frozen, self.thresholds,
                            rule=getattr(pl_module, "name", type(pl_module).__name__),
                            epoch=epoch, first_fired=self.state["first_fired"])
-        finally:
-            pl_module._trainer = trainer_ref
+        finally:  # a user's block_update may leave the module in another mode
             pl_module.train(was_training)
         if (self.frozen_baseline or {}).get("source") == "self":
             report.notes = [n for n in report.notes if not n.startswith("(d)")] + [

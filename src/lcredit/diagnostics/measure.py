@@ -33,17 +33,23 @@ def evaluation_batches(x, y, eval_batches: int, stability_batches: int, batch_si
     return batches[:eval_batches], batches[:stability_batches], batches[:max(rho_batches, 1)]
 
 
-def measuring_copy(obj, dtype=torch.float64):
-    """An eval-mode deep copy of a model or rule in ``dtype`` (a rule's Trainer is not copied)."""
-    trainer = getattr(obj, "_trainer", None)
-    if trainer is not None:
-        obj._trainer = None
+def copy_without_trainer(obj):
+    """A deep copy of a module, rule or user's LightningModule (or a view holding one) without
+    the Lightning Trainer any LightningModule in it refers to."""
+    parts = obj.modules() if isinstance(obj, torch.nn.Module) else [obj]
+    held = [(m, m._trainer) for m in parts if getattr(m, "_trainer", None) is not None]
+    for m, _ in held:
+        m._trainer = None
     try:
-        clone = copy.deepcopy(obj)
+        return copy.deepcopy(obj)
     finally:
-        if trainer is not None:
-            obj._trainer = trainer
-    return clone.to(dtype).eval()
+        for m, trainer in held:
+            m._trainer = trainer
+
+
+def measuring_copy(obj, dtype=torch.float64):
+    """An eval-mode deep copy of a model or rule in ``dtype`` (no Trainer copied)."""
+    return copy_without_trainer(obj).to(dtype).eval()
 
 
 class MeasuringCopy:
