@@ -84,7 +84,8 @@ def hydra_entry(tool: str, main) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    if before == "1":
         return main()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises, instead of printing and exit 1
     try:
@@ -92,8 +93,11 @@ def hydra_entry(tool: str, main) -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"{tool}: error: {hydra_error_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
+    finally:  # the user's own setting, as it was
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def as_list(key: str, value) -> list:

@@ -98,7 +98,7 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        found = [p for p in (_problem(key, value, m) for m in args if m is not type(None))]
+        found = [_problem(key, value, m) for m in args if m is not type(None)]
         if any(p is None for p in found):
             return None
         ranged = [p for p in found if p[0] == 1]
