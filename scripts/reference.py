@@ -15,6 +15,12 @@ e = softmax(logits) - onehot(y), g_L = B dLoss/dh_L the exact per-sample credit 
 - fa_blockwise: a_L = g_L, a_l = a_{l+1} B_l^T, B_l fixed random (d, d).
 - fa_layerwise: one backward pass whose block linears send their input gradient through fixed
   random matrices of their weight's shape.
+- usf, frsf, brsf (sign symmetry): fa_layerwise's pass with sign(W) / sqrt(3 fan_in) (usf) or
+  |M| sign(W) (frsf: M fixed; brsf: M redrawn after every step from a generator seeded by
+  (seed, draw), as lcredit's) in place of each block linear's W, signs from the current W.
+- kp (Kolen-Pollack): fa_layerwise's pass with feedback B; after the optimizer step
+  B <- B + (W - W_before) - kp_decay B and W <- W - kp_decay W_before.
+- drtp: dfa's step with onehot(y) in place of e.
 - ep: the layered energy E = 1/2 ||s_0 - h_0||^2 + sum_l 1/2 ||s_{l+1} - F_l(s_l)||^2 nudged by
   beta * sum_i CE_i(readout(s_L)), relaxed by top-down sweeps from the forward pass (after the
   first L+1 sweeps, stopped once a sweep's largest move is below tol in units of the nudge);
@@ -35,10 +41,12 @@ estimator in the same optimizer step, in its own parameter group (lr ``aux_lr``)
 API: ``STEPS[name](model, state, opt, x, y)`` is one step; ``make_state(name, model,
 num_classes, generator=None, **options)`` the state for a fresh run (``options`` override the
 defaults in ``DEFAULTS``); ``param_groups(name, model, state)`` what the optimizer holds.
-``state`` is None (bp, frozen), the feedback (dfa and fa_blockwise: a list of matrices;
-fa_layerwise: a dict from each block linear to its (out, in) matrix), or a dict: the
-hyperparameters, and for the estimators ``net`` (the estimator), ``seed`` and ``step`` (their
-noise is drawn from a generator seeded per step by both, as lcredit's), blend's ``feedback``.
+``state`` is None (bp, frozen, usf), the feedback (dfa, drtp and fa_blockwise: a list of
+matrices; fa_layerwise: a dict from each block linear to its (out, in) matrix; frsf: that dict of
+magnitudes M), or a dict: the hyperparameters, and for the estimators ``net`` (the estimator),
+``seed`` and ``step`` (their noise is drawn from a generator seeded per step by both, as
+lcredit's), blend's ``feedback``; brsf: ``magnitude`` (frsf's dict), ``seed`` and ``step``;
+kp: ``kp_decay`` and ``feedback`` (fa_layerwise's dict, updated in place).
 """
 import copy
 import math
@@ -50,6 +58,7 @@ from torch import nn
 
 # conf/method/<rule>.yaml's defaults (the original forms).
 DEFAULTS = {
+    "kp": dict(kp_decay=1e-4),
     "ep": dict(beta=0.01, T=30, tol=0.01),
     "sb": dict(width=256, aux_lr=1e-3),
     "cb": dict(width=256, aux_lr=1e-3, K=4, sigma=0.05, tgw=1.0, target_ema=0.995,
@@ -100,6 +109,61 @@ def fa_layerwise_step(model, feedback, opt, x, y):
                                    feedback[block.fc2])
         h = h + f
     F.cross_entropy(model.readout(h), y).backward()
+    opt.step()
+
+
+def _substituted_step(model, feedback, opt, x, y):
+    """fa_layerwise's step with ``feedback(linear)`` giving each block linear's matrix."""
+    return fa_layerwise_step(model, {m: feedback(m) for b in model.blocks for m in (b.fc1, b.fc2)},
+                             opt, x, y)
+
+
+def usf_step(model, state, opt, x, y):
+    """sign(W) / sqrt(3 fan_in) in place of every block linear's W (BioTorch's uSF)."""
+    _substituted_step(model, lambda m: torch.sign(m.weight.detach()) / math.sqrt(
+        3 * m.weight.shape[1]), opt, x, y)
+
+
+def frsf_step(model, state, opt, x, y):
+    """|M| sign(W), M fixed (``state``: each block linear's M)."""
+    _substituted_step(model, lambda m: state[m].abs() * torch.sign(m.weight.detach()), opt, x, y)
+
+
+def brsf_step(model, state, opt, x, y):
+    """frsf's step, then fresh magnitudes |U(+-1/sqrt(fan_in))| for the next batch, drawn in
+    the block linears' order from the generator of draw ``step``."""
+    frsf_step(model, state["magnitude"], opt, x, y)
+    state["step"] += 1
+    seed = (state["seed"] * 1_000_003 + state["step"] * 7_919 + 17) % (2**63 - 1)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    for b in model.blocks:
+        for m in (b.fc1, b.fc2):
+            M = state["magnitude"][m]
+            M.copy_(torch.rand(M.shape, generator=gen, dtype=M.dtype, device=M.device)
+                    / math.sqrt(M.shape[1]))
+
+
+def kp_step(model, state, opt, x, y):
+    """fa_layerwise's step with the learned B; B then gets W's change, and both decay."""
+    linears = [m for b in model.blocks for m in (b.fc1, b.fc2)]
+    before = [m.weight.detach().clone() for m in linears]
+    fa_layerwise_step(model, state["feedback"], opt, x, y)
+    lam = state["kp_decay"]
+    with torch.no_grad():
+        for m, w0 in zip(linears, before):
+            B = state["feedback"][m]
+            B += m.weight - w0 - lam * B
+            m.weight -= lam * w0
+
+
+def drtp_step(model, feedback, opt, x, y):
+    """dfa's step with the target onehot(y) in place of the error e."""
+    opt.zero_grad(set_to_none=True)
+    h0, outs, top = _cut_forward(model, x)
+    logits = model.readout(top)
+    loss = F.cross_entropy(logits, y)
+    t = F.one_hot(y, logits.shape[-1]).to(logits.dtype) / len(y)
+    torch.autograd.backward([loss, h0, *outs], [None] + [t @ B for B in feedback])
     opt.step()
 
 
@@ -354,6 +418,7 @@ def _estimator_step(credits, aux_loss, after=None):
 
 STEPS = {"bp": bp_step, "frozen": frozen_step, "dfa": dfa_step,
          "fa_layerwise": fa_layerwise_step, "fa_blockwise": fa_blockwise_step, "ep": ep_step,
+         "usf": usf_step, "frsf": frsf_step, "brsf": brsf_step, "kp": kp_step, "drtp": drtp_step,
          "sb": _estimator_step(_sb_credits, _sb_loss),
          "cb": _estimator_step(_cb_credits, _cb_loss, _cb_after),
          "vec": _estimator_step(_vec_credits, _vec_loss),
@@ -366,9 +431,9 @@ def make_state(name: str, model, num_classes: int, generator=None, **options):
     estimators at torch's default init (the global RNG) in the model's dtype and device."""
     d, depth = model.blocks[0].fc1.in_features, len(model.blocks)
     like = next(model.parameters())
-    if name in ("bp", "frozen"):
+    if name in ("bp", "frozen", "usf"):
         return None
-    if name == "dfa":
+    if name in ("dfa", "drtp"):
         return [torch.randn(num_classes, d, generator=generator).to(like) * d**-0.5
                 for _ in range(depth + 1)]
     if name == "fa_blockwise":
@@ -376,6 +441,16 @@ def make_state(name: str, model, num_classes: int, generator=None, **options):
     if name == "fa_layerwise":
         return {m: (torch.rand(m.weight.shape, generator=generator).to(like) * 2 - 1)
                 * m.weight.shape[1] ** -0.5 for b in model.blocks for m in (b.fc1, b.fc2)}
+    if name == "frsf":
+        return {m: M.abs() for m, M in make_state("fa_layerwise", model, num_classes,
+                                                   generator).items()}
+    if name == "brsf":
+        return {"magnitude": make_state("frsf", model, num_classes, generator),
+                "seed": options.get("seed", 0), "step": options.get("step", 0)}
+    if name == "kp":
+        state = dict(DEFAULTS["kp"], **options)
+        state["feedback"] = make_state("fa_layerwise", model, num_classes, generator)
+        return state
     state = dict(DEFAULTS[name], **({"seed": 0, "step": 0} if name in ESTIMATORS else {}))
     unknown = set(options) - set(state)
     if unknown:

@@ -23,6 +23,8 @@ CASES = {  # reference loop -> lcredit overrides
     "fa_blockwise": ["method=fa", "method.variant=blockwise"],
     "fa_layerwise": ["method=fa", "method.variant=layerwise"],
     "ep": ["method=ep"],
+    "usf": ["method=usf"], "frsf": ["method=frsf"], "brsf": ["method=brsf"], "kp": ["method=kp"],
+    "drtp": ["method=drtp"],
     "sb": ["method=sb", "method.width=16"],
     "cb": ["method=cb", "method.warmup_ratio=0", "method.width=16"],  # the rule phase
     "vec": ["method=vec", "method.width=16"],
@@ -41,23 +43,35 @@ ASSUMED["blend"] |= {"source": "vec", "alpha_decay": "constant", "freeze_after":
 
 def feedback_of(rule, name):
     """The rule's own fixed matrices, in the form the reference step takes."""
-    if name == "dfa":
+    if name in ("dfa", "drtp"):
         return [rule.feedback(l).clone() for l in range(len(rule.state_shapes))]
     if name == "fa_blockwise":
         return [getattr(rule, f"feedback_{l}").clone() for l in range(len(rule.state_shapes) - 1)]
-    if name == "fa_layerwise":
+    if name in ("fa_layerwise", "kp"):
         return {layer: getattr(rule, buf).clone() for layer, buf in rule._sites}
+    if name in ("frsf", "brsf"):
+        return {layer: rule.magnitude(i, layer).clone() for i, layer in enumerate(rule._sites)}
     return None
+
+
+def by_copy(rule, model, feedback):
+    """A dict keyed by the rule's layers, keyed by the same layers of ``model`` (a copy)."""
+    layers, copies = dict(rule.model.named_modules()), dict(model.named_modules())
+    return {copies[n]: feedback[m] for n, m in layers.items() if m in feedback}
 
 
 def state_of(rule, name, model):
     """The reference state for ``model`` (a copy of the rule's) taken from lcredit's rule: its
     feedback, its estimator's weights, its noise seed and step counter; the reference's
     hyperparameters checked against the rule's."""
-    if name == "fa_layerwise":  # keyed by the copy's layers
-        layers, copies = dict(rule.model.named_modules()), dict(model.named_modules())
-        feedback = feedback_of(rule, name)
-        return {copies[n]: feedback[m] for n, m in layers.items() if m in feedback}
+    if name in ("fa_layerwise", "frsf"):  # keyed by the copy's layers
+        return by_copy(rule, model, feedback_of(rule, name))
+    if name == "brsf":
+        return {"magnitude": by_copy(rule, model, feedback_of(rule, name)),
+                "seed": rule.run_config["seed"], "step": rule._draws_host}
+    if name == "kp":
+        assert rule.kp_decay == reference.DEFAULTS["kp"]["kp_decay"]  # the yaml's default
+        return {"kp_decay": rule.kp_decay, "feedback": by_copy(rule, model, feedback_of(rule, name))}
     if name not in ("ep", *ESTIMATOR):
         return feedback_of(rule, name)
     assert rule.form()["original"], rule.form()
@@ -89,6 +103,8 @@ def setup(tmp_path, name):
     if name in ESTIMATOR:
         rule.run_config = {"seed": SEED}
         rule.seek_noise(STEP)
+    if name == "brsf":
+        rule.run_config = {"seed": SEED}
     x, y = task.x_train.double(), task.y_train
     batches = [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(STEPS)]
     return rule, batches
@@ -134,6 +150,8 @@ def test_lcredit_matches_the_plain_reference_loop(tmp_path, name):
     assert moved == {k for k in ref if not (name == "frozen" and k.startswith("blocks"))}
     if name in ESTIMATOR:  # the noise counter advanced as lcredit's
         assert state["step"] == rule._aux_host == STEP + STEPS
+    if name == "brsf":  # one fresh draw of the magnitudes per step
+        assert state["step"] == rule._draws_host == int(rule.magnitude_draws) == STEPS
 
 
 def test_the_oracle_catches_a_wrong_credit_scale(tmp_path):
@@ -179,7 +197,7 @@ def test_a_fresh_state_is_the_rules_at_the_yamls_defaults(tmp_path, name):
     rule = build_rule(cfg, task)
     model = copy.deepcopy(rule.model)
     fresh = reference.make_state(name, model, rule.num_classes, torch.Generator().manual_seed(0))
-    if name in ESTIMATOR:
+    if name in ESTIMATOR or name == "brsf":
         rule.run_config = {"seed": 0}
     assert _shapes(fresh) == _shapes(state_of(rule, name, model))
     opt = torch.optim.Adam(reference.param_groups(name, model, fresh), lr=1e-3)
