@@ -78,7 +78,8 @@ def test_the_guard_catches_a_conversion(tmp_path):
 EP_STOPS = pytest.param("ep", marks=pytest.mark.xfail(
     strict=True, raises=HostSync, reason="ep's tol > 0 early stop reads the residual each iteration"))
 RULES = ["bp", "dfa", "fa", "fa+method.variant=layerwise", "frozen", EP_STOPS, "ep+method.tol=0",
-         "sb", "cb", "vec", "blend", "vec_gated", "cb_relative", "blend_gated"]
+         "sb", "cb", "vec", "blend", "vec_gated", "cb_relative", "blend_gated",
+         "usf", "brsf", "frsf", "kp", "drtp"]
 
 
 @pytest.mark.parametrize("rule", RULES)
