@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # runs it in one process.
 PYTEST ?= -n auto --dist loadgroup
 
-.PHONY: setup dev run test bench ladder reproduce default-task studies-doc clean
+.PHONY: setup dev run test bench ladder reproduce default-task audit-table studies-doc clean
 
 $(VENV)/.setup: pyproject.toml
 	python3 -m venv $(VENV)
@@ -55,6 +55,12 @@ reproduce: setup
 # bp, fa, dfa at the defaults (make run's task and budget), frozen and a linear probe, 3 seeds.
 default-task: setup
 	$(PY) scripts/default_task.py --readme README.md $(ARGS)
+
+# Every rule's default form on the default task and on digits with small_cnn, 3 seeds, judged by
+# the protocol (docs/audit.md, the README's audit table). Runs already done are kept. A tiny run
+# of the same path: make audit-table ARGS="--seeds 0 --epochs 1 --rules bp,usf --out /tmp/audit".
+audit-table: setup
+	$(PY) scripts/audit_table.py --readme README.md $(ARGS)
 
 # docs/studies.md, the README's study table and each study config's cost line, from the study
 # configs (smoke costs from docs/smoke_times.json, which the smoke tests write when given
