@@ -151,7 +151,7 @@ def table(task_rows: dict) -> list[str]:
         rows = done(all_rows)
         if not rows:
             why = next((r.get("error") for r in all_rows if r.get("error")), "no completed run")
-            lines.append(f"| {row} | not run: {str(why).splitlines()[0][:160]} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {row} | not run: {str(why).splitlines()[0][:240]} |  |  |  |  |  |  |  |  |")
             continue
         lines.append(
             f"| {row} | {mean_std([r['test_acc'] for r in rows])} | "
