@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_LADDER, TINY_MEASURE, assert_resume_exact
 from lcredit.diagnostics.measure import fresh_feedback_copies
 from lcredit.models import ResMLP
 from lcredit.rules import BRSF, DRTP, FRSF, KP, USF
@@ -205,3 +206,11 @@ def test_drtps_null_draws_in_one_pass_equal_redrawn_copies():
         for a, b in zip(batched, c.credit(x, y)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(draws.credit_sets(x, y)[0][1], rule.credit(x, y)[1])
+
+
+# ---------------------------------------------------------------- state across a resume
+@pytest.mark.parametrize("method", ["brsf", "kp"])
+def test_a_resumed_run_draws_and_learns_its_feedback_as_an_uninterrupted_one(make_cfg, method):
+    """brsf's per-batch draws and kp's learned B are part of the checkpoint."""
+    assert_resume_exact(make_cfg, f"method={method}", *TINY_LADDER, "data.n_train=256",
+                        "data.n_test=64", "data.batch_size=64", *TINY_MEASURE)
