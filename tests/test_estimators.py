@@ -10,6 +10,7 @@ from lcredit.models import ResMLP
 from lcredit.rules import CB, DFA, SB, VEC, Blend
 from lcredit.rules.blend import SOURCES
 from lcredit.rules.estimator import unit_directions
+from lcredit.rules.update import local_pass
 from lcredit.rules.vec import directional_targets
 from lcredit.train import train
 
@@ -73,7 +74,7 @@ def rule_pass(rule, x, y):
     rule.train_auxiliary = lambda p: seen.setdefault("p", p)
     rule.updates_model = lambda: False
     try:
-        rule._local_pass(x, y, update=True)
+        local_pass(rule, x, y, update=True)
     finally:
         rule.train_auxiliary = orig
         del rule.updates_model

@@ -190,6 +190,10 @@ def _declared(target) -> tuple[dict, frozenset | None]:
     if typing.is_typeddict(target):
         return (typing.get_type_hints(target, include_extras=True),
                 frozenset(target.__required_keys__ | target.__optional_keys__))
+    if isinstance(target, type) and dataclasses.is_dataclass(target):  # an options object
+        names = frozenset(f.name for f in dataclasses.fields(target))
+        hints = typing.get_type_hints(target, include_extras=True)
+        return {k: v for k, v in hints.items() if k in names}, names
     fn = inspect.unwrap(target)
     hints = _hints(fn)
     params = inspect.signature(fn).parameters
@@ -206,6 +210,11 @@ def _declared(target) -> tuple[dict, frozenset | None]:
                     if k in names and k not in hints:
                         hints[k] = v
     hints.pop("return", None)
+    options = getattr(owner, "Options", None)
+    if takes_any and options is not None:  # ``**options`` that the class's Options declares
+        declared, option_names = _declared(options)
+        hints.update(declared)
+        names, takes_any = names | option_names, False
     return {k: v for k, v in hints.items() if k in names}, None if takes_any else names
 
 

@@ -305,7 +305,7 @@ def train(cfg: DictConfig, extra_callbacks=()) -> dict:
             if auto:  # training it here (when not cached) must not move this run's random streams
                 with preserved_rng():
                     frozen_baseline = baseline.resolve(cfg, train)
-            rule.frozen_baseline = frozen_baseline
+            rule.recorder.frozen_baseline = frozen_baseline
 
             train_batches = DeviceBatches(task.x_train, task.y_train, bcfg["batch_size"], shuffle=True,
                                           seed=int(cfg.seed), random_targets=bcfg["random_targets"],

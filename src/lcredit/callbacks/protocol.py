@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lcredit.baseline import accuracy_at
 from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
 from lcredit.diagnostics.measure import MeasuringCopy, _is_rule, evaluation_batches, measure
-from lcredit.diagnostics.protocol import (BY_ID, DEFAULT_MONITOR, Abort, ProtocolOptions,
+from lcredit.diagnostics.protocol import (DEFAULT_MONITOR, Abort, ProtocolOptions,
                                          check_thresholds, judge)
 from lcredit.errors import ConfigError
 from lcredit.options import Count, checked

@@ -10,7 +10,7 @@ import torch
 
 from lcredit.diagnostics import metrics as M
 from lcredit.models.base import exact_credit, hidden_states
-from lcredit.rules.base import local_update_gradients
+from lcredit.rules.update import local_update_gradients
 
 # docs/metrics.md: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
 # takes), null_gamma from 20 fresh feedback draws.

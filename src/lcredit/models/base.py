@@ -46,6 +46,19 @@ def hidden_states(model, x: torch.Tensor) -> list[torch.Tensor]:
     return run_blocks(model, model.embed(x))
 
 
+@torch.no_grad()
+def state_shapes(model, input_shape) -> list[torch.Size]:
+    """Shapes of h_0..h_L (without the batch) from one forward on a dummy batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+        return [h.shape[1:] for h in hidden_states(model, x)]
+    finally:
+        model.train(was_training)
+
+
 def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
     """States h_l and backprop's per-sample credit B * dLoss/dh_l, where ``loss_fn(logits, y)``
     is the batch-mean task loss (the reference every rule is measured against)."""
