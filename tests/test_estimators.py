@@ -332,7 +332,7 @@ def untrained_gamma_hidden(cfg):
     import lcredit
     from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.data import build_task
-    from lcredit.train import build_rule, fit_task
+    from lcredit.build import build_rule, fit_task
     task = fit_task(cfg, build_task(cfg.data))
     L.seed_everything(int(cfg.seed), verbose=False)
     rule = build_rule(cfg, task)

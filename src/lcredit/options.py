@@ -23,6 +23,8 @@ import types
 import typing
 from typing import Annotated, Any, Literal, Union
 
+from omegaconf import OmegaConf
+
 from lcredit.errors import ConfigError
 
 
@@ -72,8 +74,6 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 
 def _plain(value):
     """OmegaConf containers as plain lists and dicts (what the checks below read)."""
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
@@ -86,26 +86,9 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
     if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, (str, typing.TypeVar)):
         return None
     if origin is Annotated:
-        found = _problem(key, value, args[0])
-        if found:
-            return found
-        for meta in args[1:]:
-            if isinstance(meta, Range):
-                why = meta.problem(value)
-                if why:
-                    return 1, f"{key}={value!r} {why}"
-        return None
+        return _annotated_problem(key, value, args)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        found = [_problem(key, value, m) for m in args if m is not type(None)]
-        if any(p is None for p in found):
-            return None
-        ranged = [p for p in found if p[0] == 1]
-        if ranged:
-            return ranged[0]
-        words = [w for m in args if (w := _describe(m))]
-        return 0, f"{key}={value!r} must be {' or '.join(dict.fromkeys(words))}"
+        return _union_problem(key, value, args)
     if origin is Literal:
         try:
             ok = any(value == a and type(value) is type(a) or
@@ -136,6 +119,39 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
         except ConfigError as err:
             return 1, str(err)
         return None
+    return _container_problem(key, value, hint, origin, args)
+
+
+def _annotated_problem(key: str, value, args) -> tuple[int, str] | None:
+    """``Annotated[type, Range(...)]``: the type, then the range."""
+    found = _problem(key, value, args[0])
+    if found:
+        return found
+    for meta in args[1:]:
+        if isinstance(meta, Range):
+            why = meta.problem(value)
+            if why:
+                return 1, f"{key}={value!r} {why}"
+    return None
+
+
+def _union_problem(key: str, value, args) -> tuple[int, str] | None:
+    """``X | Y``: fine when one member takes it; a member of the right kind out of its range
+    says why; else the kinds it must be."""
+    if value is None and type(None) in args:
+        return None
+    found = [_problem(key, value, m) for m in args if m is not type(None)]
+    if any(p is None for p in found):
+        return None
+    ranged = [p for p in found if p[0] == 1]
+    if ranged:
+        return ranged[0]
+    words = [w for m in args if (w := _describe(m))]
+    return 0, f"{key}={value!r} must be {' or '.join(dict.fromkeys(words))}"
+
+
+def _container_problem(key: str, value, hint, origin, args) -> tuple[int, str] | None:
+    """A list (each element) or a mapping (each value), or an instance of a class."""
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return 0, f"{key}={value!r} must be a list"

@@ -3,6 +3,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lcredit.errors import ConfigError
 from lcredit.options import CheckedInit
 
 
@@ -94,8 +95,6 @@ RECOMPILE_LIMIT = 256
 def compile_mode(value, device: torch.device, model: nn.Module | None = None) -> str | None:
     """The torch.compile mode ``trainer.compile`` asks for on ``device`` (None: eager). true is
     reduce-overhead (CUDA graphs) on CUDA for a model without buffers, else inductor's default."""
-    from lcredit.errors import ConfigError
-
     if value in (None, False):
         return None
     has_buffers = model is not None and any(True for _ in model.buffers())
