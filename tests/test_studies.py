@@ -322,3 +322,21 @@ def test_config_resolvers_are_registered_by_the_entry_points_not_by_an_import():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "method=fa"
+
+
+def test_functions_stay_on_one_screen():
+    """Every function of src/lcredit reads on one screen (at most 60 lines) and the rule base
+    class, the credit contract a new rule's author reads, at most 250 lines
+    (docs/architecture.md)."""
+    import ast
+
+    long = []
+    for path in (ROOT / "src" / "lcredit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
+    base = ROOT / "src" / "lcredit" / "rules" / "base.py"
+    assert len(base.read_text().splitlines()) <= 250

@@ -266,6 +266,20 @@ def _owner(fn) -> type | None:
     return node if isinstance(node, type) else None
 
 
+def option_defaults(target) -> dict:
+    """{option: default} of a callable's parameters, and of the ``Options`` dataclass a class
+    takes as ``**options`` (an estimator rule's): the single source a config group's yaml
+    must agree with (tests/test_defaults.py)."""
+    fn = inspect.unwrap(target.__init__ if isinstance(target, type) else target)
+    out = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    options = getattr(target, "Options", None) if isinstance(target, type) else None
+    if options is not None and dataclasses.is_dataclass(options):
+        out.update({f.name: f.default for f in dataclasses.fields(options)
+                    if f.default is not dataclasses.MISSING})
+    return out
+
+
 # Arguments lcredit passes itself (never a user's option): left out of "the known options".
 INTERNAL = frozenset({"self", "model", "input_shape", "num_classes", "optimizer", "params"})
 
