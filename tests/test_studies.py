@@ -340,3 +340,32 @@ def test_functions_stay_on_one_screen():
     assert not long, long
     base = ROOT / "src" / "lcredit" / "rules" / "base.py"
     assert len(base.read_text().splitlines()) <= 250
+
+
+def test_what_a_report_shows_is_declared_by_its_study(tmp_path):
+    """report.py names no study and no rule: the per-seed table (``study.report.per_seed``)
+    compares the arms the yaml names, figures are the ones it lists, and an option or figure
+    the report does not have is refused by name."""
+    from lcredit.report import report_study
+
+    def rec(arm, seed, acc, gamma, report):
+        study = {"reported": ["test_acc"], "arms": {"p": [], "q": [], "base": []},
+                 "report": report}
+        return {"status": "completed", "seed": seed, "_path": str(tmp_path / arm / f"{seed}.json"),
+                "study": {"name": "s", "stage": "main", "arm": arm, "point": {}, "job": arm,
+                          "scale": "paper"},
+                "config": {"study": study}, "final": {"test_acc": acc},
+                "protocol": {"aggregates": {"gamma_hidden": gamma}, "layers": []}}
+
+    spec = {"per_seed": {"arms": ["p", "q"], "below": "base"}, "figures": []}
+    records = [rec("p", 1, 0.3, 0.2, spec), rec("q", 1, 0.35, 0.1, spec), rec("base", 1, 0.4, 0, spec),
+               rec("p", 2, 0.5, 0.2, spec), rec("q", 2, 0.3, 0.1, spec), rec("base", 2, 0.4, 0, spec)]
+    files = report_study("s", records, tmp_path / "out")
+    md = files[0].read_text()
+    assert "## p and q below base, per seed" in md
+    assert "seeds with all below base and positive cosines: 1 (1 of 2)" in md
+    assert not [f for f in files if f.suffix == ".png"]  # figures: [] draws none
+    for bad, word in (({"per_sed": {}}, "study.report.per_sed"),
+                      ({"figures": ["layer"]}, "'layer'")):
+        with pytest.raises(ConfigError, match=word):
+            report_study("s", [rec("p", 1, 0.3, 0.2, bad)], tmp_path / "bad")
