@@ -40,6 +40,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 import lcredit.train as lt
+from lcredit.build import build_rule, fit_task
 import reference
 from lcredit.data import build_task
 from lcredit.models.base import compile_mode
@@ -181,7 +182,7 @@ def peak_bytes(make_step, batches, device) -> int:
 def lcredit_step(cfg, task, device):
     """lcredit's training step without the Lightning loop (``Rule.update``)."""
     torch.manual_seed(int(cfg.seed))
-    rule = lt.build_rule(cfg, task).to(device)
+    rule = build_rule(cfg, task).to(device)
     rule.compile_model(compile_mode(cfg.trainer.get("compile", False), device, rule.model))
     opt = rule.make_optimizer()
     return lambda x, y: rule.update(x, y, opt)
@@ -209,7 +210,7 @@ def bench_rule(rule, task_name, args, device, out_dir) -> dict:
                        "~callbacks.protocol_monitor", "~callbacks.early_abort", "logger=csv",
                        "trainer.enable_progress_bar=false"])
     torch._dynamo.reset()  # each compiled row compiles afresh, within its own variant budget
-    task = lt.fit_task(cfg, build_task(cfg.data)).to(device)
+    task = fit_task(cfg, build_task(cfg.data)).to(device)
     inter = Interleave(PlainLoop(plain_name, cfg, task, int(cfg.data.batch_size), device))
     lt.train(cfg, extra_callbacks=[inter])
     pairs = [(fw, plain) for epoch, fw, plain in inter.pairs if epoch >= 1]  # epoch 0: warm-up

@@ -80,7 +80,17 @@ def describe(name: str) -> dict:
     plan = stages(study, "paper")
     return {"name": name, "question": study.get("question", ""), "about": " ".join(comment),
             "staged": list(plan) != ["main"], "stages": plan, "reported": study.get("reported", []),
+            "report": study.get("report") or {},
             "paper_jobs": len(expand(study, "paper")), "smoke_jobs": smoke_jobs(name)}
+
+
+def _plain(v) -> str:
+    """A report option as its yaml reads."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_plain(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_plain, v)) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def command(d: dict, scale: str = "") -> str:
@@ -116,8 +126,11 @@ def render(rows: list[dict], smoke_times: dict) -> tuple[str, str]:
            "  every job, failed ones listed), `<study>_diagnostics.png` (the four diagnostics per arm,",
            "  arms by accuracy, thresholds drawn), `<study>_trajectories.png` (‖h_L‖, ‖g_L‖, test accuracy",
            "  per epoch with the (b) floor and the frozen baseline) and `<study>_layers.png` (gamma and rho",
-           "  per layer); snapshot stages add their tables; protocol_calibration adds the",
-           "  threshold-sensitivity table.", "",
+           "  per layer); snapshot stages add their tables. What else a study's report shows is",
+           "  declared in its yaml's `study.report` node: `figures` (default: all three),",
+           "  `per_seed: {arms: [a, b], below: c}` (per seed, which arms end below c with positive",
+           "  cosines) and `threshold_sensitivity: true` (per diagnostic, how far its threshold can",
+           "  move before a verdict changes).", "",
            "Paper costs are estimates (`scripts/studies_doc.py` says how): the per-epoch times measured",
            "on an H100 times each job's epochs. Smoke costs are measured: the whole study at",
            "scale=smoke on this 2-core CPU (`make studies-doc ARGS=--measure-smoke=<dir>`;",
@@ -133,7 +146,8 @@ def render(rows: list[dict], smoke_times: dict) -> tuple[str, str]:
                 f"- Run: `{command(d)}` (offline: `{command(d, 'smoke')}`)",
                 f"- Report: `python -m lcredit.report studies/{d['name']}/<scale>` → "
                 f"`studies/{d['name']}/<scale>/report/{d['name']}.md`, `.csv`, `*.png`",
-                f"- Reported per arm: {', '.join(d['reported'])}",
+                f"- Reported per arm: {', '.join(d['reported'])}"
+                + "".join(f"; {k}: {_plain(v)}" for k, v in d["report"].items()),
                 f"- Jobs: {d['paper_jobs']} at paper scale (≈ {paper:.1f} H100 GPU-hours), "
                 f"{d['smoke_jobs']} at smoke (≈ {smoke_cell} CPU minutes)"]
         for stage, st in d["stages"].items():

@@ -5,9 +5,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import lcredit.train  # noqa: F401  (registers the config resolvers)
+from lcredit.cli import register_resolvers
 from lcredit.rules import Rule
 
+register_resolvers()  # as every entry point does before Hydra reads a config
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false",
          "protocol.frozen_baseline=null"]

@@ -8,7 +8,8 @@ import lcredit
 from conftest import TINY_MEASURE, assert_resume_exact, compose_cfg
 from lcredit.data import DeviceBatches, build_task
 from lcredit.errors import ConfigError
-from lcredit.train import build_rule, fit_task, train
+from lcredit.build import build_rule, fit_task
+from lcredit.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

@@ -13,7 +13,8 @@ from lcredit.models import ResMLP
 from lcredit.probe import probe
 from lcredit.rules import SB
 from lcredit.rules.blend import SOURCES
-from lcredit.train import build_rule, fit_task, train
+from lcredit.build import build_rule, fit_task
+from lcredit.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +66,7 @@ def vec_blend_run(tmp_path_factory):
 def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_run, source):
     """Controls (random_trainable, frozen_random, ...) start from their own random init: taken
     from a trained vec run they would start from the answer."""
-    from lcredit.train import branch_from
+    from lcredit.training import branch_from
     ckpt = vec_blend_run["checkpoint"]
     src = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     cfg = make_cfg("method=blend", *SMALL, f"method.source={source}")
@@ -84,7 +85,7 @@ def test_only_the_vec_field_itself_is_taken_when_branching(make_cfg, vec_blend_r
 def test_a_module_that_only_partly_fits_is_kept_fresh_whole(make_cfg, vec_blend_run):
     """Another conditioning code changes some of the field's shapes: the field must then start
     wholly fresh (not a trained trunk behind a fresh input layer), and results say so."""
-    from lcredit.train import branch_from
+    from lcredit.training import branch_from
     cfg = make_cfg("method=blend", *SMALL, "method.s_type=deltaL_hL")
     task = fit_task(cfg, build_task(cfg.data))
     torch.manual_seed(123)

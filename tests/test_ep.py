@@ -11,7 +11,7 @@ from lcredit.errors import ConfigError
 from lcredit.models.base import exact_credit, run_blocks
 from lcredit.models.resmlp import ResMLP
 from lcredit.models.small_cnn import SmallCNN
-from lcredit.rules.base import exact_gradients
+from lcredit.rules.update import exact_gradients
 from lcredit.rules.bp import BP
 from lcredit.rules.dfa import DFA
 from lcredit.rules.ep import EP

@@ -10,6 +10,7 @@ from lcredit.models import ResMLP
 from lcredit.rules import CB, DFA, SB, VEC, Blend
 from lcredit.rules.blend import SOURCES
 from lcredit.rules.estimator import unit_directions
+from lcredit.rules.update import local_pass
 from lcredit.rules.vec import directional_targets
 from lcredit.train import train
 
@@ -73,7 +74,7 @@ def rule_pass(rule, x, y):
     rule.train_auxiliary = lambda p: seen.setdefault("p", p)
     rule.updates_model = lambda: False
     try:
-        rule._local_pass(x, y, update=True)
+        local_pass(rule, x, y, update=True)
     finally:
         rule.train_auxiliary = orig
         del rule.updates_model
@@ -331,7 +332,7 @@ def untrained_gamma_hidden(cfg):
     import lcredit
     from lcredit.diagnostics.measure import evaluation_batches
     from lcredit.data import build_task
-    from lcredit.train import build_rule, fit_task
+    from lcredit.build import build_rule, fit_task
     task = fit_task(cfg, build_task(cfg.data))
     L.seed_everything(int(cfg.seed), verbose=False)
     rule = build_rule(cfg, task)

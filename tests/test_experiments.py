@@ -6,7 +6,7 @@ import torch
 
 from conftest import CONF, compose_cfg
 from lcredit.data import build_task
-from lcredit.train import build_rule, fit_task
+from lcredit.build import build_rule, fit_task
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 

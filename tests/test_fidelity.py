@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import compose_cfg
 from lcredit.models import ResMLP
 from lcredit.rules import BP, CB, DFA, EP, FA, SB, VEC, Blend, exact_gradients
-from lcredit.train import build_rule, fit_task
+from lcredit.build import build_rule, fit_task
 from lcredit.data import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -155,7 +155,7 @@ def test_audit_holds_its_thresholds_to_the_runs_declaration(tmp_path):
      r"^step_sizes\[1\]=inf must be a finite number"),
     ("lcredit.exploit:exploit", {"seed": -1}, r"^seed=-1 must be in \[0, 4294967295\]"),
     ("lcredit.exploit:exploit", {"blocks": "first"}, r"^blocks='first' is not one of all, last"),
-    ("lcredit.study:calibrate", {"null_draws": 0}, r"^null_draws=0 must be >= 1"),
+    ("lcredit.analysis.calibrate:calibrate", {"null_draws": 0}, r"^null_draws=0 must be >= 1"),
 ])
 def test_a_tool_refuses_a_bad_argument_before_reading_anything(tool, kwargs, message, tmp_path):
     module, name = tool.split(":")

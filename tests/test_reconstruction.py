@@ -12,7 +12,8 @@ from lcredit.models import Student
 from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules import CB, DFA, VEC
 from lcredit.rules.estimator import EMBED_DIM, CreditNet
-from lcredit.train import build_rule, fit_task, train
+from lcredit.build import build_rule, fit_task
+from lcredit.training import train
 from lcredit.data import build_task
 
 from test_estimators import C, SHAPE, batch, make_model

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_cfg
 from lcredit.data import build_task
-from lcredit.train import build_rule, fit_task
+from lcredit.build import build_rule, fit_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import reference  # noqa: E402

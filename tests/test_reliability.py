@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import LIGHT_MEASURE, QUIET, TINY_LADDER, compose_cfg, forked_cli
 from lcredit.errors import ConfigError
-from lcredit.train import RunAborted, train
+from lcredit.train import RunAborted
+from lcredit.training import train
 
 TINY = [*TINY_LADDER, "data.n_train=512"]
 EVERY = ["protocol.every_n_epochs=1"]

@@ -14,7 +14,7 @@ from lcredit.data import DeviceBatches, batching, build_task
 from lcredit.diagnostics import metrics as M
 from lcredit.models.base import exact_credit
 from lcredit.rules.base import Pass
-from lcredit.train import build_rule, fit_task
+from lcredit.build import build_rule, fit_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -3,6 +3,8 @@ at scale=smoke and reports, the report's numbers are numpy's, a staged rerun res
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,13 @@ from lcredit.report import report
 from lcredit.study import compose_job, expand, run, stages, study_node
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = yaml.safe_load((ROOT / "docs" / "spec_studies.yaml").read_text())
+ORIGINAL_STUDIES = yaml.safe_load((ROOT / "docs" / "spec_studies.yaml").read_text())
 STUDIES = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 QUIET = ["logger=none", "trainer.enable_progress_bar=false", "protocol.print_report=false"]
 
 
 def test_every_study_has_a_spec_row_and_back():
-    assert sorted(SPEC) == STUDIES
+    assert sorted(ORIGINAL_STUDIES) == STUDIES
 
 
 def _job_cfg(name, job):
@@ -36,9 +38,9 @@ def test_paper_scale_is_the_original_study(name):
     assert base.scale == "paper"
     study = study_node(base)
     plan = stages(study, "paper")
-    assert sorted(plan) == sorted(SPEC[name]), "stages"
+    assert sorted(plan) == sorted(ORIGINAL_STUDIES[name]), "stages"
     jobs = expand(study, "paper")
-    for stage, row in SPEC[name].items():
+    for stage, row in ORIGINAL_STUDIES[name].items():
         st = plan[stage]
         mine = [j for j in jobs if j.stage == stage]
         if row.get("replicate"):
@@ -103,10 +105,10 @@ def test_paper_scale_is_the_original_study(name):
     if name == "scaffold_dissection":
         arms = plan["arms"]["arms"]
         sources = {a.removeprefix("source_") for a in arms if a.startswith("source_")}
-        assert sources == set(SPEC[name]["arms"]["sources"])
-        assert {f"freeze_{f}" for f in SPEC[name]["arms"]["freeze_after"]} <= set(arms)
+        assert sources == set(ORIGINAL_STUDIES[name]["arms"]["sources"])
+        assert {f"freeze_{f}" for f in ORIGINAL_STUDIES[name]["arms"]["freeze_after"]} <= set(arms)
         assert {f"{s}_alpha_{a}" for s in ("perlayer_vector", "random_trainable")
-                for a in SPEC[name]["arms"]["alphas"]} <= set(arms)
+                for a in ORIGINAL_STUDIES[name]["arms"]["alphas"]} <= set(arms)
 
 
 def _data_name(node) -> str:
@@ -255,33 +257,115 @@ def test_the_smoke_tests_cover_every_study():
     assert sorted(halves) == STUDIES == sorted(CHEAPEST)
 
 
-def test_the_study_layer_sits_on_top():
-    """study.py and report.py are imported by nothing below them (only the sweeper plugin and
-    the scripts use them), and cli.py imports nothing but the leaf modules errors, results and
-    options (no circle)."""
+ENTRY_POINTS = ("train", "audit", "probe", "exploit", "study", "report")
+# Imported where they are used: optional or heavy dependencies a run may never need.
+LAZY_IMPORTS = ("matplotlib", "wandb", "submitit", "torch._dynamo", "sklearn",
+                "torchvision.datasets")
+
+
+def _package_imports():
+    """{module: [(imported module, inside a function)]} for every module of src/lcredit."""
     import ast
 
     pkg = ROOT / "src" / "lcredit"
-    imports = {}
+    out = {}
     for path in pkg.rglob("*.py"):
-        mods = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        found = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
-                mods.add(node.module)
-                mods.update(f"{node.module}.{a.name}" for a in node.names)
+                found += [(node.module, id(node) in inner)]
+                found += [(f"{node.module}.{a.name}", id(node) in inner) for a in node.names]
             elif isinstance(node, ast.Import):
-                mods.update(a.name for a in node.names)
-        imports[path.relative_to(pkg).with_suffix("").as_posix().replace("/", ".")] = mods
-    for module, mods in imports.items():
-        if module in ("study", "report"):
-            continue
-        assert not {"lcredit.study", "lcredit.report"} & mods, module
-    assert not {m for m in imports["cli"] if m.startswith("lcredit.")
+                found += [(a.name, id(node) in inner) for a in node.names]
+        name = path.relative_to(pkg).with_suffix("").as_posix().replace("/", ".")
+        out[name.removesuffix(".__init__")] = found
+    return out
+
+
+def test_the_entry_points_sit_on_top():
+    """No module of lcredit imports an entry point (train, audit, probe, exploit, study,
+    report): the entry points are thin command lines over the layers below (docs/architecture.md),
+    and cli.py imports nothing but the leaf modules errors, results and options (no circle)."""
+    imports = _package_imports()
+    entry = {f"lcredit.{e}" for e in ENTRY_POINTS}
+    for module, found in imports.items():
+        bad = {m for m, _ in found if m in entry} - {f"lcredit.{module}"}
+        assert not bad, (module, bad)
+    assert not {m for m, _ in imports["cli"] if m.startswith("lcredit.")
                 and m.split(".")[1] not in ("errors", "results", "options")}, imports["cli"]
-    assert "lcredit.train" not in imports["report"]  # the report reads files, it trains nothing
-    # the tools build on the layer below them (build, snapshots), never on each other or on
-    # the training entry point
-    tools = {"lcredit.train", "lcredit.audit", "lcredit.probe", "lcredit.exploit"}
-    for tool in ("audit", "probe", "exploit"):
-        assert not {m for m in imports[tool] if m.rsplit(".", 1)[0] in tools
-                    or m in tools} - {f"lcredit.{tool}"}, (tool, imports[tool] & tools)
+
+
+def test_no_module_imports_inside_a_function_but_the_optional_dependencies():
+    """Every module's dependencies are at its top, where a reader sees the graph; only the
+    optional or heavy ones (LAZY_IMPORTS) are imported where they are used."""
+    for module, found in _package_imports().items():
+        inner = sorted({m for m, lazy in found if lazy and not m.startswith(LAZY_IMPORTS)})
+        if module == "__init__":  # lcredit/__init__: the public API, loaded on use (PEP 562)
+            continue
+        assert not inner, (module, inner)
+
+
+def test_config_resolvers_are_registered_by_the_entry_points_not_by_an_import():
+    """Importing lcredit's modules registers nothing; ``register_resolvers`` (called by every
+    entry point) does, once, and the sweep's job directory resolves through it."""
+    code = ("from omegaconf import OmegaConf\n"
+            "import lcredit.train, lcredit.study, lcredit.training\n"
+            "assert not OmegaConf.has_resolver('lcredit_subdir')\n"
+            "from lcredit.cli import register_resolvers\n"
+            "register_resolvers(); register_resolvers()\n"
+            "c = OmegaConf.create({'o': ['method=fa', 'seed=1'], 'd': '${lcredit_subdir:${o}}'})\n"
+            "print(c.d)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "method=fa"
+
+
+def test_functions_stay_on_one_screen():
+    """Every function of src/lcredit reads on one screen (at most 60 lines) and the rule base
+    class, the credit contract a new rule's author reads, at most 250 lines
+    (docs/architecture.md)."""
+    import ast
+
+    long = []
+    for path in (ROOT / "src" / "lcredit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
+    base = ROOT / "src" / "lcredit" / "rules" / "base.py"
+    assert len(base.read_text().splitlines()) <= 250
+
+
+def test_what_a_report_shows_is_declared_by_its_study(tmp_path):
+    """report.py names no study and no rule: the per-seed table (``study.report.per_seed``)
+    compares the arms the yaml names, figures are the ones it lists, and an option or figure
+    the report does not have is refused by name."""
+    from lcredit.report import report_study
+
+    def rec(arm, seed, acc, gamma, report):
+        study = {"reported": ["test_acc"], "arms": {"p": [], "q": [], "base": []},
+                 "report": report}
+        return {"status": "completed", "seed": seed, "_path": str(tmp_path / arm / f"{seed}.json"),
+                "study": {"name": "s", "stage": "main", "arm": arm, "point": {}, "job": arm,
+                          "scale": "paper"},
+                "config": {"study": study}, "final": {"test_acc": acc},
+                "protocol": {"aggregates": {"gamma_hidden": gamma}, "layers": []}}
+
+    spec = {"per_seed": {"arms": ["p", "q"], "below": "base"}, "figures": []}
+    records = [rec("p", 1, 0.3, 0.2, spec), rec("q", 1, 0.35, 0.1, spec), rec("base", 1, 0.4, 0, spec),
+               rec("p", 2, 0.5, 0.2, spec), rec("q", 2, 0.3, 0.1, spec), rec("base", 2, 0.4, 0, spec)]
+    files = report_study("s", records, tmp_path / "out")
+    md = files[0].read_text()
+    assert "## p and q below base, per seed" in md
+    assert "seeds with all below base and positive cosines: 1 (1 of 2)" in md
+    assert not [f for f in files if f.suffix == ".png"]  # figures: [] draws none
+    for bad, word in (({"per_sed": {}}, "study.report.per_sed"),
+                      ({"figures": ["layer"]}, "'layer'")):
+        with pytest.raises(ConfigError, match=word):
+            report_study("s", [rec("p", 1, 0.3, 0.2, bad)], tmp_path / "bad")

@@ -9,7 +9,8 @@ import torch
 from conftest import TINY_LADDER, assert_resume_exact, forked_cli
 from lcredit.data import build_task
 from lcredit.errors import ConfigError
-from lcredit.train import build_rule, train
+from lcredit.build import build_rule
+from lcredit.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

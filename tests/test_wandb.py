@@ -77,7 +77,7 @@ def test_a_wandb_run_carries_config_group_name_metrics_and_the_protocol_table(ma
 
 
 def test_a_study_sweeps_wandb_group_is_the_study(make_cfg):
-    from lcredit.train import wandb_run_info
+    from lcredit.loggers import wandb_run_info
 
     cfg = make_cfg("experiment=six_rule_audit", "scale=smoke", "++study.arm=bp", "++study.job=bp",
                    "logger=wandb")

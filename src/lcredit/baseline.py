@@ -8,8 +8,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lcredit.data import DeviceBatches
+from lcredit.diagnostics.hooked import find_blocks
+from lcredit.diagnostics.measure import copy_without_trainer
 from lcredit.errors import ConfigError
 
 log = logging.getLogger("lcredit")
@@ -116,33 +122,43 @@ def resolve(cfg: DictConfig, train_fn) -> dict | None:
         return {"source": "number", "final_acc": float(spec), "history_acc": None}
     spec = str(spec)
     if spec != "auto":
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"protocol.frozen_baseline={spec}: no such file (give a frozen "
-                              f"run's results.json, a number, auto or null)")
-        found = from_results(path)
-        recorded = json.loads(path.read_text()).get("config")
-        if not cfg.get("protocol", {}).get("frozen_baseline_check", True):
-            return found | {"check": "off", "mismatched": (mismatches(recorded, cfg)
-                                                            if recorded else None)}
-        if not recorded:
-            raise ConfigError(f"protocol.frozen_baseline={path}: it records no config to check "
-                              f"against this run (protocol.frozen_baseline_check=false accepts "
-                              f"it unchecked)")
-        diffs = mismatches(recorded, cfg)
-        if diffs:
-            shown = "; ".join(f"{k}: {_flat(recorded).get(k)!r} there, "
-                              f"{_flat(OmegaConf.to_container(cfg, resolve=True)).get(k)!r} here"
-                              for k in diffs[:4])
-            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
-            raise ConfigError(f"protocol.frozen_baseline={path} is not this run's comparator "
-                              f"({shown}{more}); give the frozen run of this task, model, seed "
-                              f"and epochs, or protocol.frozen_baseline_check=false")
-        return found | {"check": "matched"}
+        return _from_file(cfg, spec)
     if is_frozen(cfg):
         return {"source": "self", "final_acc": None, "history_acc": None}
-    from filelock import FileLock
+    return _auto(cfg, train_fn)
 
+
+def _from_file(cfg: DictConfig, spec: str) -> dict:
+    """A frozen run's results.json, checked to be this run's comparator (its task, model, seed
+    and epochs) unless ``protocol.frozen_baseline_check=false``."""
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"protocol.frozen_baseline={spec}: no such file (give a frozen "
+                          f"run's results.json, a number, auto or null)")
+    found = from_results(path)
+    recorded = json.loads(path.read_text()).get("config")
+    if not cfg.get("protocol", {}).get("frozen_baseline_check", True):
+        return found | {"check": "off", "mismatched": (mismatches(recorded, cfg)
+                                                        if recorded else None)}
+    if not recorded:
+        raise ConfigError(f"protocol.frozen_baseline={path}: it records no config to check "
+                          f"against this run (protocol.frozen_baseline_check=false accepts "
+                          f"it unchecked)")
+    diffs = mismatches(recorded, cfg)
+    if diffs:
+        shown = "; ".join(f"{k}: {_flat(recorded).get(k)!r} there, "
+                          f"{_flat(OmegaConf.to_container(cfg, resolve=True)).get(k)!r} here"
+                          for k in diffs[:4])
+        more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+        raise ConfigError(f"protocol.frozen_baseline={path} is not this run's comparator "
+                          f"({shown}{more}); give the frozen run of this task, model, seed "
+                          f"and epochs, or protocol.frozen_baseline_check=false")
+    return found | {"check": "matched"}
+
+
+def _auto(cfg: DictConfig, train_fn) -> dict:
+    """``auto``: the frozen-blocks run of this run's settings, from the cache or trained there
+    now (once for a sweep's jobs that need it at the same time)."""
     key = cache_key(cfg)
     out_dir = Path(cfg.paths.cache_dir) / "frozen" / key
     cached = out_dir / "results.json"
@@ -186,11 +202,6 @@ def linear_probe(task, epochs: int, batch_size: int = 128, lr: float = 1e-3, see
     the task's own training stream (fresh samples where the task draws them) for ``epochs``:
     what a task gives without any hidden layer. A task on which this comes close to backprop
     cannot show what depth, or a rule's deep credit, adds."""
-    import torch
-    import torch.nn.functional as F
-
-    from lcredit.data import DeviceBatches
-
     device = device or task.x_train.device
     gen = torch.Generator().manual_seed(int(seed))
     dim = task.x_train[0].numel()
@@ -220,12 +231,6 @@ def frozen_baseline(module, dataloaders, blocks, epochs: int = 1, lr: float = 1e
     Protocol) frozen at their current weights and everything else trained by backprop (Adam,
     ``lr``) for ``epochs`` on ``dataloaders[0]``; returns its accuracy on ``dataloaders[1]``
     (a fraction). Call it before training, on the freshly initialised module."""
-    import torch
-    import torch.nn.functional as F
-
-    from lcredit.diagnostics.hooked import find_blocks
-    from lcredit.diagnostics.measure import copy_without_trainer
-
     train_loader, test_loader = dataloaders
     net = copy_without_trainer(module)
     _, frozen = find_blocks(net, blocks)

@@ -1,7 +1,19 @@
 """Command-line helpers shared by the entry points."""
+import hashlib
+import json
+import os
+import re
 import sys
 import tempfile
 from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf import ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lcredit.errors import ConfigError, check_config_finite
+from lcredit.options import unknown_key
+from lcredit.results import write_json, write_text
 
 # Overrides whose values are file paths. Sweep directories contain '=' and ',', which Hydra's
 # override grammar would otherwise parse as syntax; such values are quoted before Hydra sees them.
@@ -51,8 +63,6 @@ def hydra_error_line(err) -> str:
     node, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
     full_key = getattr(cause, "full_key", None)
     if node is not None and key is not None and full_key and "not in struct" in str(cause):
-        from lcredit.options import unknown_key
-
         prefix = full_key[:-len(str(key))] if full_key.endswith(str(key)) else ""
         try:
             known = [str(k) for k in node.keys()]
@@ -74,16 +84,25 @@ def hydra_error_line(err) -> str:
     return "; ".join(out) or type(err).__name__
 
 
+def register_resolvers() -> None:
+    """lcredit's config resolvers (``${lcredit_subdir:...}``: a sweep job's directory name,
+    ``job_dirname``). Every entry point calls it before Hydra reads a config (``hydra_entry``,
+    ``jobs.compose_job``, the study); a launcher's worker process gets it from ``SweepSummary``,
+    the Hydra callback every run carries, when that is unpickled there — before the worker
+    resolves ``hydra.sweep.subdir``. Calling it again does nothing."""
+    if not OmegaConf.has_resolver("lcredit_subdir"):
+        OmegaConf.register_new_resolver(
+            "lcredit_subdir", lambda overrides: job_dirname(OmegaConf.to_container(overrides)
+                                                            if OmegaConf.is_config(overrides)
+                                                            else overrides))
+
+
 def hydra_entry(tool: str, main) -> None:
     """Run a ``@hydra.main`` entry point so that Hydra's own errors about the command line (an
     override of a key that does not exist, a group option that does not exist, override
     syntax) are one line and exit code 2, like lcredit's own; anything else is raised as it
     is (``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full messages)."""
-    import os
-
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    register_resolvers()
     before = os.environ.get("HYDRA_FULL_ERROR")
     if before == "1":
         return main()
@@ -102,10 +121,6 @@ def hydra_entry(tool: str, main) -> None:
 
 def as_list(key: str, value) -> list:
     """A list option given as a list, or as one bare value (``rules=sb``, ``step_sizes=0.1``)."""
-    from omegaconf import ListConfig, OmegaConf
-
-    from lcredit.errors import ConfigError
-
     if isinstance(value, ListConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -129,10 +144,6 @@ def free_path(out: Path, tool: str) -> Path:
 def check_tool_keys(tool: str, cfg) -> None:
     """Every key of a tool's config is one its yaml defines (``overrides`` and ``thresholds``
     hold per-rule / per-diagnostic options, checked where they are used)."""
-    from omegaconf import OmegaConf
-
-    from lcredit.options import unknown_key
-
     known = set(OmegaConf.load(Path(__file__).resolve().parent / "conf" / f"{tool}.yaml"))
     for key in cfg:
         if key not in known:
@@ -144,11 +155,6 @@ def run_snapshot_tool(tool: str, cfg, compute, to_markdown) -> None:
     """The shell of a tool that reads a checkpoint (probe, exploit): a bad input is one line
     and exit code 2; the result goes to ``<tool>.json`` and ``<tool>.md`` in ``cfg.out``, by
     default the checkpoint's run directory (``<tool>-2.json``, ... where those exist)."""
-    from omegaconf import OmegaConf
-
-    from lcredit.errors import ConfigError, check_config_finite
-    from lcredit.results import write_json, write_text
-
     try:
         if OmegaConf.is_missing(cfg, "ckpt"):
             raise ConfigError(f"ckpt is required: python -m lcredit.{tool} ckpt=<run dir>/checkpoints/last.ckpt")
@@ -188,9 +194,6 @@ def job_dirname(overrides) -> str:
     hash of the path), readable (paths, logging and measurement settings appear only as one
     short hash, ``~xxxxxx``, so jobs that differ only there still get their own directories),
     and ``defaults`` when nothing is left."""
-    import hashlib
-    import re
-
     parts, left_out = [], []
     for item in overrides or []:  # a study's job is named by its arm and axis point
         key, sep, value = str(item).lstrip("+~").partition("=")
@@ -223,11 +226,15 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 
 class SweepSummary(_HydraCallback):
     """After a sweep: one line per failed job (its directory and error), and a non-zero exit
-    when any failed, so a script or scheduler sees the failure (jobs still run to the end)."""
+    when any failed, so a script or scheduler sees the failure (jobs still run to the end).
+    Unpickled in a launcher's worker (joblib, submitit), it registers lcredit's resolvers there
+    first: the worker resolves the job's directory before any lcredit code runs."""
+
+    def __setstate__(self, state) -> None:
+        register_resolvers()
+        self.__dict__.update(state)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        import json
-
         root = Path(str(config.hydra.sweep.dir))
         failed = []
         for path in sorted(root.glob("**/results.json")):

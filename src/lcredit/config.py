@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal, TypedDict
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lcredit.diagnostics.protocol import ProtocolOptions
@@ -164,8 +165,6 @@ def writable_dir(path, key: str) -> Path:
 
 def read_checkpoint(path, key: str) -> dict:
     """A Lightning checkpoint written by lcredit, or a ConfigError naming ``key`` and the file."""
-    import torch
-
     if path is None or str(path) == "":
         raise ConfigError(f"{key} is empty: give a checkpoint file (<run dir>/checkpoints/last.ckpt)")
     path = Path(str(path))

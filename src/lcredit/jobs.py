@@ -10,11 +10,14 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lcredit.cli import hydra_error_line
+from lcredit.build import CONF_DIR
+from lcredit.cli import hydra_error_line, register_resolvers
 from lcredit.errors import ConfigError
 from lcredit.results import read_json
 
@@ -219,11 +222,7 @@ def sweep_overrides(job: Job) -> list[str]:
 # ---- a job's config ----------------------------------------------------------------------------
 
 def compose_job(name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lcredit.build import CONF_DIR
-
+    register_resolvers()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -237,8 +236,6 @@ class SourceFailed(RuntimeError):
 
 
 def known_studies() -> list[str]:
-    from lcredit.build import CONF_DIR
-
     return sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 
@@ -287,8 +284,6 @@ def arm_job(experiment: str, arm: str, scale: str = "paper", user=()) -> tuple[J
     as ``<axis>=<value>`` (the rest of ``user`` are overrides of the run): (the Job, its
     overrides, the user's overrides without the axis values). An axis left out takes the value
     the composed config gives its key."""
-    from hydra.core.global_hydra import GlobalHydra
-
     if experiment not in known_studies():
         raise ConfigError(f"experiment={experiment}: no such study (the studies: "
                           f"{', '.join(known_studies())})")

@@ -23,6 +23,8 @@ import types
 import typing
 from typing import Annotated, Any, Literal, Union
 
+from omegaconf import OmegaConf
+
 from lcredit.errors import ConfigError
 
 
@@ -72,8 +74,6 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 
 def _plain(value):
     """OmegaConf containers as plain lists and dicts (what the checks below read)."""
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
@@ -86,26 +86,9 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
     if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, (str, typing.TypeVar)):
         return None
     if origin is Annotated:
-        found = _problem(key, value, args[0])
-        if found:
-            return found
-        for meta in args[1:]:
-            if isinstance(meta, Range):
-                why = meta.problem(value)
-                if why:
-                    return 1, f"{key}={value!r} {why}"
-        return None
+        return _annotated_problem(key, value, args)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        found = [_problem(key, value, m) for m in args if m is not type(None)]
-        if any(p is None for p in found):
-            return None
-        ranged = [p for p in found if p[0] == 1]
-        if ranged:
-            return ranged[0]
-        words = [w for m in args if (w := _describe(m))]
-        return 0, f"{key}={value!r} must be {' or '.join(dict.fromkeys(words))}"
+        return _union_problem(key, value, args)
     if origin is Literal:
         try:
             ok = any(value == a and type(value) is type(a) or
@@ -136,6 +119,39 @@ def _problem(key: str, value, hint) -> tuple[int, str] | None:
         except ConfigError as err:
             return 1, str(err)
         return None
+    return _container_problem(key, value, hint, origin, args)
+
+
+def _annotated_problem(key: str, value, args) -> tuple[int, str] | None:
+    """``Annotated[type, Range(...)]``: the type, then the range."""
+    found = _problem(key, value, args[0])
+    if found:
+        return found
+    for meta in args[1:]:
+        if isinstance(meta, Range):
+            why = meta.problem(value)
+            if why:
+                return 1, f"{key}={value!r} {why}"
+    return None
+
+
+def _union_problem(key: str, value, args) -> tuple[int, str] | None:
+    """``X | Y``: fine when one member takes it; a member of the right kind out of its range
+    says why; else the kinds it must be."""
+    if value is None and type(None) in args:
+        return None
+    found = [_problem(key, value, m) for m in args if m is not type(None)]
+    if any(p is None for p in found):
+        return None
+    ranged = [p for p in found if p[0] == 1]
+    if ranged:
+        return ranged[0]
+    words = [w for m in args if (w := _describe(m))]
+    return 0, f"{key}={value!r} must be {' or '.join(dict.fromkeys(words))}"
+
+
+def _container_problem(key: str, value, hint, origin, args) -> tuple[int, str] | None:
+    """A list (each element) or a mapping (each value), or an instance of a class."""
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return 0, f"{key}={value!r} must be a list"
@@ -190,6 +206,10 @@ def _declared(target) -> tuple[dict, frozenset | None]:
     if typing.is_typeddict(target):
         return (typing.get_type_hints(target, include_extras=True),
                 frozenset(target.__required_keys__ | target.__optional_keys__))
+    if isinstance(target, type) and dataclasses.is_dataclass(target):  # an options object
+        names = frozenset(f.name for f in dataclasses.fields(target))
+        hints = typing.get_type_hints(target, include_extras=True)
+        return {k: v for k, v in hints.items() if k in names}, names
     fn = inspect.unwrap(target)
     hints = _hints(fn)
     params = inspect.signature(fn).parameters
@@ -206,6 +226,11 @@ def _declared(target) -> tuple[dict, frozenset | None]:
                     if k in names and k not in hints:
                         hints[k] = v
     hints.pop("return", None)
+    options = getattr(owner, "Options", None)
+    if takes_any and options is not None:  # ``**options`` that the class's Options declares
+        declared, option_names = _declared(options)
+        hints.update(declared)
+        names, takes_any = names | option_names, False
     return {k: v for k, v in hints.items() if k in names}, None if takes_any else names
 
 
@@ -239,6 +264,20 @@ def _owner(fn) -> type | None:
         if node is None:
             return None
     return node if isinstance(node, type) else None
+
+
+def option_defaults(target) -> dict:
+    """{option: default} of a callable's parameters, and of the ``Options`` dataclass a class
+    takes as ``**options`` (an estimator rule's): the single source a config group's yaml
+    must agree with (tests/test_defaults.py)."""
+    fn = inspect.unwrap(target.__init__ if isinstance(target, type) else target)
+    out = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    options = getattr(target, "Options", None) if isinstance(target, type) else None
+    if options is not None and dataclasses.is_dataclass(options):
+        out.update({f.name: f.default for f in dataclasses.fields(options)
+                    if f.default is not dataclasses.MISSING})
+    return out
 
 
 # Arguments lcredit passes itself (never a user's option): left out of "the known options".

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcredit.diagnostics.protocol import DIAGNOSTICS, VERDICT_IDS
 from lcredit.errors import ConfigError
 from lcredit.results import read_json
 
@@ -35,8 +36,6 @@ from lcredit.results import read_json
 def diagnostic_columns() -> dict:
     """id -> column name of every diagnostic, from the protocol's one definition of them
     (imported on use: lcredit.diagnostics loads torch, which reading results does not need)."""
-    from lcredit.diagnostics.protocol import DIAGNOSTICS
-
     return {d.id: d.short for d in DIAGNOSTICS}
 DEFAULT_REPORTED = ["test_acc", "gamma_hidden", "gamma_deep", "rho_deep", "verdict"]
 NUMBERED = ("completed", "aborted")  # jobs whose final numbers are results
@@ -274,8 +273,6 @@ def train_rows(study: dict, records: list[dict]) -> tuple[list[str], list[dict]]
                         diffs.append(acc - float(np.mean(base)))
                 row[col] = mean_std(diffs)
                 continue
-            if col == "both_below_frozen":
-                continue  # a per-seed table of its own
             row[col] = mean_std([metric(r, col) for r in numbered])
         rows.append(row)
     # the study's own order: its arms as listed, each over its axis values in order
@@ -283,7 +280,7 @@ def train_rows(study: dict, records: list[dict]) -> tuple[list[str], list[dict]]
     rows.sort(key=lambda r: (r["stage"], arm_order.index(r["arm"]) if r["arm"] in arm_order
                              else len(arm_order), str(r["arm"]),
                              [_sortable(r.get(a, "")) for a in axes]))
-    return [c for c in cols if c != "both_below_frozen"], rows
+    return cols, rows
 
 
 def _sortable(v):
@@ -356,29 +353,34 @@ def train_csv(path: Path, cols, rows, axes, study: dict | None = None) -> None:
             w.writerow(["" if x is None else x for x in out])
 
 
-def by_seed_table(records: list[dict]) -> str:
-    """FA and DFA both below frozen: which seeds have both rules under the frozen blocks while
-    their gamma_hidden is positive."""
+def per_seed_table(records: list[dict], spec: dict) -> str:
+    """``study.report.per_seed: {arms: [a, b], below: c}``: per seed, the arms' test accuracy
+    and gamma_hidden beside arm c's, and which seeds have every arm below c while its
+    gamma_hidden is positive (the failure (d) exists for)."""
+    arms, below = list(spec["arms"]), spec["below"]
     by = defaultdict(dict)
     for r in records:
         if r.get("status") in NUMBERED:
             by[r.get("seed")][r["study"].get("arm")] = r
-    lines = ["## Both below frozen, per seed", "",
-             "| seed | fa acc | dfa acc | frozen acc | fa gamma_hidden | dfa gamma_hidden | both below frozen, cosines positive |",
-             "|---|---|---|---|---|---|---|"]
+    title = " and ".join(arms) + f" below {below}"
+    lines = [f"## {title}, per seed", "",
+             "| seed | " + " | ".join(f"{a} acc" for a in (*arms, below)) + " | "
+             + " | ".join(f"{a} gamma_hidden" for a in arms)
+             + f" | all below {below}, cosines positive |",
+             "|---" * (2 * len(arms) + 3) + "|"]
     hits = []
     for seed in sorted(s for s in by if s is not None):
         runs = by[seed]
-        acc = {a: metric(runs[a], "test_acc") if a in runs else None for a in ("fa", "dfa", "frozen")}
-        gam = {a: metric(runs[a], "gamma_hidden") if a in runs else None for a in ("fa", "dfa")}
+        acc = {a: metric(runs[a], "test_acc") if a in runs else None for a in (*arms, below)}
+        gam = {a: metric(runs[a], "gamma_hidden") if a in runs else None for a in arms}
         known = None not in (*acc.values(), *gam.values())
-        hit = known and all(acc[a] < acc["frozen"] and gam[a] > 0 for a in ("fa", "dfa"))
+        hit = known and all(acc[a] < acc[below] and gam[a] > 0 for a in arms)
         if hit:
             hits.append(seed)
-        lines.append(f"| {seed} | " + " | ".join(fmt(acc[a], None) for a in ("fa", "dfa", "frozen"))
-                     + " | " + " | ".join(fmt(gam[a], None) for a in ("fa", "dfa"))
+        lines.append(f"| {seed} | " + " | ".join(fmt(acc[a], None) for a in (*arms, below))
+                     + " | " + " | ".join(fmt(gam[a], None) for a in arms)
                      + f" | {'yes' if hit else ('—' if not known else 'no')} |")
-    lines += ["", f"seeds with both below frozen and positive cosines: "
+    lines += ["", f"seeds with all below {below} and positive cosines: "
               f"{', '.join(map(str, hits)) or 'none'} ({len(hits)} of {len(by)})", ""]
     return "\n".join(lines)
 
@@ -460,8 +462,6 @@ def threshold_sensitivity(reports: list[dict]) -> list[dict]:
     """Per diagnostic, the interval of its threshold over which every verdict (for (c), every
     sub-mode) stays what it is, the other thresholds held. A run whose verdict another
     diagnostic already decides does not constrain it."""
-    from lcredit.diagnostics.protocol import VERDICT_IDS
-
     out = []
     for k in diagnostic_columns():
         lo, hi, n, op, th = -math.inf, math.inf, 0, None, None
@@ -640,12 +640,73 @@ def layers_figure(path: Path, title: str, records: list[dict]) -> None:
 
 # ---- putting it together ---------------------------------------------------------------------
 
+FIGURES = {"diagnostics": diagnostics_figure, "trajectories": trajectories_figure,
+           "layers": layers_figure}
+SNAPSHOT_TABLES = {"probe": probe_markdown, "exploit": exploit_markdown,
+                   "calibrate": calibration_markdown}
+# What a study's report shows beyond its columns (``study.reported``), declared in its yaml's
+# ``study.report`` node (docs/studies.md): its defaults.
+REPORT_DEFAULTS = {"figures": list(FIGURES), "per_seed": None, "threshold_sensitivity": False}
+
+
+def report_spec(study: dict) -> dict:
+    """The study's ``report`` node over the defaults; a key or figure it cannot have is refused
+    by name."""
+    given = study.get("report") or {}
+    for key in given:
+        if key not in REPORT_DEFAULTS:
+            raise ConfigError(f"study.report.{key}: no such option; the options: "
+                              f"{', '.join(REPORT_DEFAULTS)}")
+    spec = REPORT_DEFAULTS | given
+    unknown = [f for f in spec["figures"] if f not in FIGURES]
+    if unknown:
+        raise ConfigError(f"study.report.figures: {unknown[0]!r} is not one of {', '.join(FIGURES)}")
+    per_seed = spec["per_seed"]
+    if per_seed is not None and (not isinstance(per_seed, dict) or set(per_seed) != {"arms", "below"}):
+        raise ConfigError(f"study.report.per_seed={per_seed!r}: give {{arms: [a, b], below: c}}")
+    return spec
+
+
 def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
+    """``<name>.md`` with its tables and figures, and a CSV per table, from a study's records:
+    what it shows is declared by the study (``study.reported``, ``study.report``)."""
     out.mkdir(parents=True, exist_ok=True)
     study = study_config(records)
+    spec = report_spec(study)
     kinds = defaultdict(list)
     for r in records:
         kinds[r.get("kind", "train")].append(r)
+    text, written = _header(name, study, records), []
+    train = kinds.pop("train", [])
+    for stage in sorted({r["study"].get("stage", "main") for r in train}):
+        recs = [r for r in train if r["study"].get("stage", "main") == stage]
+        text += _train_section(name, study, spec, stage, recs, out, written)
+    for kind, fn in SNAPSHOT_TABLES.items():
+        recs = kinds.pop(kind, [])
+        if recs:
+            md, rows = fn(recs)
+            text.append(md)
+            written.append(_write_rows(out / f"{name}_{kind}.csv", rows))
+    if spec["threshold_sensitivity"]:
+        reports = [r["protocol"] for r in train if r.get("status") in NUMBERED and r.get("protocol")]
+        sens = threshold_sensitivity(reports)
+        text.append(sensitivity_markdown(sens))
+        written.append(_write_rows(out / f"{name}_threshold_sensitivity.csv",
+                                   [list(sens[0]), *[list(r.values()) for r in sens]]))
+    text += _failed_section(records)
+    md = out / f"{name}.md"
+    md.write_text("\n".join(text))
+    return [md, *written]
+
+
+def _write_rows(path: Path, rows: list[list]) -> Path:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["" if x is None else x for x in row] for row in rows])
+    return path
+
+
+def _header(name: str, study: dict, records: list[dict]) -> list[str]:
+    """The title, the question, the scale, and notes on what the rows can be trusted for."""
     scales = sorted({str(r["study"].get("scale")) for r in records})
     text = [f"# {name}", ""]
     if study.get("question"):
@@ -662,74 +723,53 @@ def report_study(name: str, records: list[dict], out: Path) -> list[Path]:
         text += [f"Note: {len(unchecked)} run(s) compared with a frozen baseline that was not "
                  f"checked against them (protocol.frozen_baseline_check=false; mismatched: "
                  f"{', '.join(fields) or 'unknown'}): their (d) may compare different runs.", ""]
-    written = []
-    train = kinds.pop("train", [])
-    if train:
-        axes = sorted({a for r in train for a in (r["study"].get("point") or {})})
-        for stage in sorted({r["study"].get("stage", "main") for r in train}):
-            recs = [r for r in train if r["study"].get("stage", "main") == stage]
-            # a stage others build on (a snapshot, a run to branch from) reports the usual
-            # columns; the study's own columns belong to the stage that answers its question
-            feeds = any(((st or {}).get("source") or {}).get("stage") == stage
-                        for st in (study.get("stages") or {}).values())
-            shown = dict(study, reported=DEFAULT_REPORTED) if feeds else study
-            cols, rows = train_rows(shown, recs)
-            if "vs" in cols:  # say against what: test accuracy minus the comparator's, per seed
-                name_vs = f"acc_minus_{study.get('compare_to')}"
-                cols = [name_vs if c == "vs" else c for c in cols]
-                for r in rows:
-                    r[name_vs] = r.pop("vs", None)
-            stage_axes = [a for a in axes if any(r.get(a) for r in rows)]
-            label = "" if stage == "main" else f"_{stage}"
-            text.append(train_markdown(f"Training runs{'' if stage == 'main' else ' — stage ' + stage}",
-                                       cols, rows, stage_axes, study))
-            csv_path = out / f"{name}{label}.csv"
-            train_csv(csv_path, cols, rows, stage_axes, study)
-            written.append(csv_path)
-            if "both_below_frozen" in (study.get("reported") or []):
-                text.append(by_seed_table(recs))
-            title = f"{name}{'' if stage == 'main' else ' / ' + stage}"
-            for kind, fn in (("diagnostics", diagnostics_figure),
-                             ("trajectories", trajectories_figure), ("layers", layers_figure)):
-                png = out / f"{name}{label}_{kind}.png"
-                fn(png, title, recs)
-                written.append(png)
-                text.append(f"![{kind}]({png.name})")
-            text.append("")
-    for kind, fn in (("probe", probe_markdown), ("exploit", exploit_markdown),
-                     ("calibrate", calibration_markdown)):
-        recs = kinds.pop(kind, [])
-        if not recs:
-            continue
-        md, rows = fn(recs)
-        text.append(md)
-        csv_path = out / f"{name}_{kind}.csv"
-        with csv_path.open("w", newline="") as f:
-            csv.writer(f).writerows([["" if x is None else x for x in row] for row in rows])
-        written.append(csv_path)
-    if study.get("calibration") or name == "protocol_calibration":
-        reports = [r["protocol"] for r in train if r.get("status") in NUMBERED and r.get("protocol")]
-        sens = threshold_sensitivity(reports)
-        text.append(sensitivity_markdown(sens))
-        path = out / f"{name}_threshold_sensitivity.csv"
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(sens[0]))
-            w.writeheader()
-            w.writerows(sens)
-        written.append(path)
+    return text
+
+
+def _train_section(name, study, spec, stage, recs, out: Path, written: list) -> list[str]:
+    """One stage's training runs: the table (and its CSV), the per-seed table, the figures."""
+    axes = sorted({a for r in recs for a in (r["study"].get("point") or {})})
+    # a stage others build on (a snapshot, a run to branch from) reports the usual columns;
+    # the study's own columns belong to the stage that answers its question
+    feeds = any(((st or {}).get("source") or {}).get("stage") == stage
+                for st in (study.get("stages") or {}).values())
+    shown = dict(study, reported=DEFAULT_REPORTED) if feeds else study
+    cols, rows = train_rows(shown, recs)
+    if "vs" in cols:  # say against what: test accuracy minus the comparator's, per seed
+        name_vs = f"acc_minus_{study.get('compare_to')}"
+        cols = [name_vs if c == "vs" else c for c in cols]
+        for r in rows:
+            r[name_vs] = r.pop("vs", None)
+    stage_axes = [a for a in axes if any(r.get(a) for r in rows)]
+    label = "" if stage == "main" else f"_{stage}"
+    text = [train_markdown(f"Training runs{'' if stage == 'main' else ' — stage ' + stage}",
+                           cols, rows, stage_axes, study)]
+    csv_path = out / f"{name}{label}.csv"
+    train_csv(csv_path, cols, rows, stage_axes, study)
+    written.append(csv_path)
+    if spec["per_seed"] and not feeds:
+        text.append(per_seed_table(recs, spec["per_seed"]))
+    title = f"{name}{'' if stage == 'main' else ' / ' + stage}"
+    for kind in spec["figures"]:
+        png = out / f"{name}{label}_{kind}.png"
+        FIGURES[kind](png, title, recs)
+        written.append(png)
+        text.append(f"![{kind}]({png.name})")
+    return text + [""]
+
+
+def _failed_section(records: list[dict]) -> list[str]:
     failed = [r for r in records if r.get("status") not in NUMBERED]
-    if failed:
-        text += ["## Jobs without final numbers", "", "| job | seed | status | error |",
-                 "|---|---|---|---|"]
-        for r in failed:
-            s = r["study"]
-            err = str(r.get("error") or (r.get("divergence") and "diverged") or "").replace("|", "/")
-            text.append(f"| {s.get('stage', 'main')}/{s.get('job')} | {r.get('seed')} | "
-                        f"{r.get('status')} | {err[:160]} |")
-        text.append("")
-    md = out / f"{name}.md"
-    md.write_text("\n".join(text))
-    return [md, *written]
+    if not failed:
+        return []
+    text = ["## Jobs without final numbers", "", "| job | seed | status | error |",
+            "|---|---|---|---|"]
+    for r in failed:
+        s = r["study"]
+        err = str(r.get("error") or (r.get("divergence") and "diverged") or "").replace("|", "/")
+        text.append(f"| {s.get('stage', 'main')}/{s.get('job')} | {r.get('seed')} | "
+                    f"{r.get('status')} | {err[:160]} |")
+    return text + [""]
 
 
 def report(dirs, out=None, wandb_mode=None, project="lcredit") -> list[Path]:

@@ -11,8 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import hydra as _hydra
+import lightning
+import torch
+import torchvision
 from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
 
+import lcredit
 from lcredit import files
 from lcredit.diagnostics.protocol import finite
 from lcredit.files import atomic_write
@@ -38,13 +45,6 @@ def read_json(path: Path) -> dict | None:
 
 def versions() -> dict:
     """The versions and the commit a result was produced with (saved with every result)."""
-    import hydra as _hydra
-    import lightning
-    import torch
-    import torchvision
-
-    import lcredit
-
     out = {"lcredit": lcredit.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "torchvision": torchvision.__version__,
            "lightning": lightning.__version__, "hydra": _hydra.__version__}
@@ -73,24 +73,12 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
                interrupted=None, protocol_state: dict | None = None) -> dict:
     """results.json of a run that trained: its rule's history, and what the Protocol callback
     found (``protocol_state``: its state, empty where the run had none)."""
-    import torch
     state = protocol_state or {}
     history = rule.history
-    last = history[-1] if history else {}
     status = "interrupted" if interrupted is not None else _status(rule, state)
-    report = state.get("last")
     ckpt = out_dir / "checkpoints" / "last.ckpt"
-    final = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-    final["epochs"] = len(history)
     divergence = rule.divergence()
-    if divergence is not None:
-        # A diverged model's argmax accuracy is not a result: no final numbers, but where
-        # and when it broke.
-        final.update({k: None for k in ("train_loss", "train_acc", "test_loss", "test_acc")})
-    if report is not None and divergence is not None:
-        report = dict(report, stale=True, notes=list(report.get("notes") or []) + [
-            f"stale: measured at epoch {report.get('epoch')}, before the run diverged at epoch "
-            f"{divergence['epoch']} (step {divergence['step']})"])
+    final, report = _final(history, divergence), _report(state.get("last"), divergence)
     return {
         "status": status,
         "rule": rule.name,
@@ -132,6 +120,25 @@ def run_record(cfg, rule, task, frozen_baseline, branched, resume, out_dir, star
         "versions": versions(),
         "command": " ".join(sys.argv),
     }
+
+
+FINAL_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def _final(history: list[dict], divergence: dict | None) -> dict:
+    """The last epoch's numbers; a diverged model's argmax accuracy is not a result: none, but
+    ``divergence`` says where and when it broke."""
+    last = history[-1] if history and divergence is None else {}
+    return {k: last.get(k) for k in FINAL_KEYS} | {"epochs": len(history)}
+
+
+def _report(report: dict | None, divergence: dict | None) -> dict | None:
+    """The protocol's last report, labelled stale when the run diverged after it."""
+    if report is None or divergence is None:
+        return report
+    return dict(report, stale=True, notes=list(report.get("notes") or []) + [
+        f"stale: measured at epoch {report.get('epoch')}, before the run diverged at epoch "
+        f"{divergence['epoch']} (step {divergence['step']})"])
 
 
 def study_record(cfg) -> dict | None:
@@ -180,3 +187,34 @@ def failure_record(cfg, err: BaseException, rule=None, start=None) -> dict:
             "wall_time_s": None if start is None else time.perf_counter() - start,
             "output_dir": str(cfg.paths.output_dir) if "paths" in cfg else None,
             "config": config_node, "versions": versions(), "command": " ".join(sys.argv)}
+
+
+def _num(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def print_summary(results: dict, out_dir: Path) -> None:
+    """The run's epochs as a table on the console (what results.json holds, in short)."""
+    table = Table(title=f"{results['rule']} on {results['task']} (seed {results['seed']}) "
+                        f"— {results['status']}")
+    # gamma_hidden leads (docs/metrics.md), at the epochs with a full measurement; (a)'s growth
+    # at every measured epoch. Seven columns fit an 80-column log (test loss: results.json).
+    for col in ("epoch", "gamma_hidden", "growth (a)", "train loss", "train acc", "test acc",
+                "sec"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in results["history"]:
+        p = r.get("protocol") or {}
+        hidden = (p.get("aggregates") or {}).get("gamma_hidden")
+        growth = ((p.get("diagnostics") or {}).get("a") or {}).get("value")
+        table.add_row(str(r["epoch"]), "" if hidden is None else _num(hidden),
+                      "" if growth is None else f"{growth:.4g}",
+                      *(_num(r[k]) for k in ("train_loss", "train_acc", "test_acc")),
+                      f"{r['train_time_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if results.get("abort"):
+        a = results["abort"]
+        console.print(f"[bold red]aborted[/] at epoch {a['epoch']} by the protocol: "
+                      f"{'; '.join(a['reasons'])} — saved {a['epochs_saved']} of "
+                      f"{a['epochs_planned']} epochs")
+    console.print(f"results: {out_dir / 'results.json'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,6 @@ def stop_on_signals():
             raise KeyboardInterrupt
         state["signum"] = signum
 
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield state
         return

@@ -24,12 +24,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lcredit.analysis.calibrate import calibrate
+from lcredit.analysis.exploit import exploit
+from lcredit.analysis.probe import probe
+from lcredit.cli import quote_path_overrides, register_resolvers
 from lcredit.errors import ConfigError
-from lcredit.options import Count, checked
 # the plan of a study (re-exported: the runner's callers name them from here too)
 from lcredit.jobs import (DONE, Job, SourceFailed, _quote, compose_job, expand,  # noqa: F401
                           known_studies, replicated, stages, study_node, sweep_overrides)
-from lcredit.results import read_json, write_json
+from lcredit.results import read_json, versions, write_json
+from lcredit.training import train
 
 log = logging.getLogger("lcredit")
 
@@ -69,16 +73,7 @@ def run(name: str, scale: str = "paper", out: str | Path | None = None, override
             raise ConfigError(f"{key}= is empty: name at least one (e.g. {key}="
                               f"{'dfa,sb' if key == 'arms' else '0,1'}), or leave {key} out for "
                               f"the study's own")
-    jobs = expand(study, scale, seeds=seeds)
-    if arms:
-        unknown = sorted(set(arms) - {j.arm for j in jobs})
-        if unknown:
-            raise ConfigError(f"arms: {unknown[0]!r} is not an arm of study {name}")
-        by_stage: dict[str, set] = {}
-        for j in jobs:
-            by_stage.setdefault(j.stage, set()).add(j.arm)
-        # a stage that has none of the named arms (a source stage) runs whole
-        jobs = [j for j in jobs if j.arm in arms or not set(arms) & by_stage[j.stage]]
+    jobs = _only_arms(expand(study, scale, seeds=seeds), arms, name)
     root.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[tuple[Job, Path]]] = {}
     failed, ran, skipped = [], 0, 0
@@ -95,31 +90,11 @@ def run(name: str, scale: str = "paper", out: str | Path | None = None, override
             continue
         log.info("study %s: %s/%s seed %d", name, job.stage, job.name, job.seed)
         try:
-            if job.source is not None:
-                src_job, src_dir = _source_job(job, done)
-                src = read_json(src_dir / "results.json")
-                if src is None or src.get("status") not in DONE:
-                    raise SourceFailed(f"its source {src_job.stage}/{src_job.name} seed "
-                                       f"{src_job.seed} did not complete "
-                                       f"({(src or {}).get('status', 'no results')})")
-                ckpt = _checkpoint(job, src_dir)
-                if not ckpt.is_file():
-                    raise SourceFailed(f"its source checkpoint {ckpt} does not exist")
-            else:
-                src, ckpt = None, None
+            src, ckpt = _source(job, done)
             RUNNERS[job.kind](job, d, overrides, src, ckpt, prior)
             ran += 1
         except Exception as err:  # noqa: BLE001 — one failed job must not end the study
-            if not isinstance(err, (ConfigError, SourceFailed)):
-                traceback.print_exc()
-            print(f"lcredit.study: {job.stage}/{job.name} seed {job.seed} failed: {err}",
-                  file=sys.stderr)
-            d.mkdir(parents=True, exist_ok=True)
-            rec = read_json(d / "results.json")
-            if rec is None or rec.get("status") != "failed":
-                write_json(d / "results.json", {"status": "failed", "kind": job.kind,
-                                                "error": f"{type(err).__name__}: {err}",
-                                                "seed": job.seed, "study": job.record()})
+            _record_failed(job, d, err)
             failed.append(f"{job.stage}/{job.name}/seed={job.seed}: {err}")
     print(f"lcredit.study {name} ({scale}): {ran} job(s) ran, {skipped} already done, "
           f"{len(failed)} failed; {root}")
@@ -127,6 +102,50 @@ def run(name: str, scale: str = "paper", out: str | Path | None = None, override
         for line in failed:
             print(f"  failed: {line}", file=sys.stderr)
     return root
+
+
+def _only_arms(jobs: list[Job], arms, name: str) -> list[Job]:
+    """``arms=a,b``: those arms in the stages that have them; a stage that has none of the
+    named arms (a source stage) runs whole."""
+    if not arms:
+        return jobs
+    unknown = sorted(set(arms) - {j.arm for j in jobs})
+    if unknown:
+        raise ConfigError(f"arms: {unknown[0]!r} is not an arm of study {name}")
+    by_stage: dict[str, set] = {}
+    for j in jobs:
+        by_stage.setdefault(j.stage, set()).add(j.arm)
+    return [j for j in jobs if j.arm in arms or not set(arms) & by_stage[j.stage]]
+
+
+def _source(job: Job, done) -> tuple[dict | None, Path | None]:
+    """The results and the checkpoint of the job a stage builds on (none for a first stage);
+    SourceFailed when that job did not complete or left no checkpoint."""
+    if job.source is None:
+        return None, None
+    src_job, src_dir = _source_job(job, done)
+    src = read_json(src_dir / "results.json")
+    if src is None or src.get("status") not in DONE:
+        raise SourceFailed(f"its source {src_job.stage}/{src_job.name} seed {src_job.seed} did "
+                           f"not complete ({(src or {}).get('status', 'no results')})")
+    ckpt = _checkpoint(job, src_dir)
+    if not ckpt.is_file():
+        raise SourceFailed(f"its source checkpoint {ckpt} does not exist")
+    return src, ckpt
+
+
+def _record_failed(job: Job, d: Path, err: Exception) -> None:
+    """A failed job's results.json (unless its run already wrote one with its history)."""
+    if not isinstance(err, (ConfigError, SourceFailed)):
+        traceback.print_exc()
+    print(f"lcredit.study: {job.stage}/{job.name} seed {job.seed} failed: {err}",
+          file=sys.stderr)
+    d.mkdir(parents=True, exist_ok=True)
+    rec = read_json(d / "results.json")
+    if rec is None or rec.get("status") != "failed":
+        write_json(d / "results.json", {"status": "failed", "kind": job.kind,
+                                        "error": f"{type(err).__name__}: {err}",
+                                        "seed": job.seed, "study": job.record()})
 
 
 def _unroll(queue, study, scale, done, failed, seeds):
@@ -144,8 +163,6 @@ def _unroll(queue, study, scale, done, failed, seeds):
 
 
 def _run_train(job: Job, d: Path, overrides, src, ckpt, prior) -> None:
-    from lcredit.train import train
-
     # the command line's overrides last: they win over the study's (a quick look at fewer epochs)
     ov = [f"scale={job.scale}", *sweep_overrides(job), *overrides, f"paths.output_dir={_quote(d)}"]
     snaps = job.extra.get("snapshot_epochs")
@@ -178,8 +195,6 @@ def _tool_options(job: Job) -> dict:
 
 
 def _tool_record(job: Job, d: Path, ckpt: Path, kind: str, result: dict, start: float) -> None:
-    from lcredit.results import versions
-
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "results.json", {
         "status": "completed", "kind": kind, "study": job.record(), "seed": job.seed,
@@ -189,16 +204,12 @@ def _tool_record(job: Job, d: Path, ckpt: Path, kind: str, result: dict, start: 
 
 
 def _run_probe(job: Job, d: Path, overrides, src, ckpt, prior) -> None:
-    from lcredit.probe import probe
-
     start = time.perf_counter()
     result = probe(ckpt, **_tool_options(job))
     _tool_record(job, d, ckpt, "probe", result, start)
 
 
 def _run_exploit(job: Job, d: Path, overrides, src, ckpt, prior) -> None:
-    from lcredit.exploit import exploit
-
     start = time.perf_counter()
     opts = _tool_options(job)
     opts.setdefault("seed", job.seed)
@@ -216,67 +227,6 @@ RUNNERS = {"train": _run_train, "probe": _run_probe, "exploit": _run_exploit,
            "calibrate": _run_calibrate}
 
 
-@checked()
-def calibrate(ckpt_path, null_draws: Count = 20, data_root: str | None = None) -> dict:
-    """The protocol's own controls on one checkpoint (docs/studies.md, protocol calibration): the
-    rule's gamma against ``null_draws`` fresh feedback draws; rho of backprop's gradient (≈ 1)
-    and of random vectors (≈ 0); and the full protocol on a randomly initialised network of
-    the same settings (its verdict should be trustworthy apart from (d), which needs a run)."""
-    import torch
-
-    from lcredit.snapshots import load_checkpoint, restore
-    from lcredit.diagnostics.measure import evaluation_batches
-    from lcredit.diagnostics import diagnose, measure
-    from lcredit.models.base import exact_credit
-    from lcredit.build import build_rule
-
-    snapshot, task, cfg = restore(load_checkpoint(ckpt_path), data_root)
-    p = cfg.protocol
-    opts = OmegaConf.to_container(p.measure, resolve=True) | {"null_draws": int(null_draws),
-                                                               "seed": int(p.seed)}
-    eval_b, stab_b, rho_b = evaluation_batches(
-        task.x_train, task.y_train, int(p.eval_batches), int(p.stability_batches),
-        int(p.batch_size), int(p.seed), int(opts.get("rho_samples", 0)))
-    loss = snapshot.task_loss
-
-    def bp(model, x, y):
-        return exact_credit(model, x, y, loss)[1]
-
-    gen = torch.Generator().manual_seed(int(p.seed) + 1)
-
-    def noise(model, x, y):
-        return [torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device)
-                for g in exact_credit(model, x, y, loss)[1]]
-
-    snapshot.eval()
-    own = measure(None, eval_b, snapshot, rho_batches=rho_b, **opts)
-    kw = dict(loss_fn=snapshot.per_sample_loss, rho_batches=rho_b, **opts)
-    with_bp = measure(snapshot.model, eval_b, bp, **kw)
-    with_noise = measure(snapshot.model, eval_b, noise, **kw)
-    torch.manual_seed(int(cfg.seed))
-    fresh = build_rule(cfg, task)
-    fresh.eval()
-    th = OmegaConf.to_container(p.thresholds, resolve=True)
-    report = diagnose(None, eval_b, credit=fresh, thresholds=th, stability_batches=stab_b,
-                      rho_batches=rho_b, epoch=0, **opts)
-
-    def layers(m, keys):
-        return [{k: row.get(k) for k in ("layer", *keys)} for row in m["layers"]]
-
-    return {"snapshot": str(ckpt_path), "snapshot_rule": snapshot.name,
-            "snapshot_epoch": snapshot.history[-1]["epoch"] if snapshot.history else 0,
-            "null_draws": int(null_draws),
-            "rule": {"layers": layers(own, ("gamma", "null_gamma", "null_gamma_std")),
-                     "aggregates": own["aggregates"]},
-            "bp_rho": {"layers": layers(with_bp, ("rho", "rho_se")),
-                       "rho_0": with_bp["aggregates"].get("rho_0"),
-                       "rho_deep": with_bp["aggregates"].get("rho_deep")},
-            "random_rho": {"layers": layers(with_noise, ("rho", "rho_se")),
-                           "rho_0": with_noise["aggregates"].get("rho_0"),
-                           "rho_deep": with_noise["aggregates"].get("rho_deep")},
-            "random_init": report.to_dict()}
-
-
 # ---- command line ----------------------------------------------------------------------------
 
 USAGE = """usage: python -m lcredit.study <study> [scale=paper|smoke] [out=DIR] [arms=a,b] [seeds=0,1] [overrides...]
@@ -286,14 +236,13 @@ USAGE = """usage: python -m lcredit.study <study> [scale=paper|smoke] [out=DIR] 
 
 
 def main(argv=None) -> int:
-    from lcredit.cli import quote_path_overrides
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("studies: " + ", ".join(known_studies()))
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    register_resolvers()
     name, rest = argv[0], argv[1:]
     scale, out, arms, seeds, overrides = "paper", None, None, None, []
     quote_path_overrides(["", *rest])

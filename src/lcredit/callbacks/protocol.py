@@ -7,15 +7,18 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 
-from lcredit.baseline import accuracy_at
-from lcredit.diagnostics.measure import DEFAULTS as MEASURE_DEFAULTS
-from lcredit.diagnostics.measure import MeasuringCopy, _is_rule, evaluation_batches, measure
-from lcredit.diagnostics.protocol import (BY_ID, DEFAULT_MONITOR, Abort, ProtocolOptions,
-                                         check_thresholds, judge)
+from lcredit.baseline import accuracy_at, from_results
+from lcredit.diagnostics.hooked import HookedModel
+from lcredit.diagnostics.measure import (DEFAULTS as MEASURE_DEFAULTS, MeasuringCopy, _is_rule,
+                                         evaluation_batches, measure)
+from lcredit.diagnostics.protocol import (DEFAULT_MONITOR, Abort, ProtocolOptions, check_thresholds,
+                                          judge)
 from lcredit.errors import ConfigError
 from lcredit.options import Count, checked
 
@@ -174,8 +177,6 @@ class Protocol(Callback):
         """(the model measured, its block modules): a hooked view of the user's module, or
         the module's own embed / blocks / readout."""
         if self.blocks is not None:
-            from lcredit.diagnostics.hooked import HookedModel
-
             view = HookedModel(pl_module, self.blocks, self.forward_fn, self.embed_fn,
                                self.readout_fn)
             return view, list(view.blocks)
@@ -394,8 +395,6 @@ def saved_state(ckpt: dict) -> dict:
 
 
 def is_wandb(logger) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
     return isinstance(logger, WandbLogger)
 
 
@@ -487,8 +486,4 @@ def _frozen_record(frozen_baseline) -> dict | None:
         return frozen_baseline
     if isinstance(frozen_baseline, (int, float)):
         return {"source": "number", "final_acc": float(frozen_baseline), "history_acc": None}
-    from pathlib import Path
-
-    from lcredit.baseline import from_results
-
     return from_results(Path(str(frozen_baseline)))

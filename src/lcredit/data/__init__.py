@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 import torch
+import torch.nn.functional as F
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
@@ -140,8 +141,6 @@ def fit_to_model(task: Task, model_cls, model_opts: dict, model_key: str = "mode
     bilinearly (digits 8 -> 32). A model that needs images and gets vectors fails here, at
     config time, saying what would work.
     """
-    import torch.nn.functional as F
-
     if not getattr(model_cls, "image_input", False):
         return task
     name = model_cls.__name__

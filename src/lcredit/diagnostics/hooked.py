@@ -16,6 +16,7 @@ modules that form the residual stream (``blocks``), and
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Callable
 
@@ -45,8 +46,6 @@ def find_blocks(module: nn.Module, blocks) -> tuple[list[str], list[nn.Module]]:
             hits = [n for n in named if n and fnmatch.fnmatchcase(n, p)
                     and "." not in n[len(p.rstrip("*")):]]  # "layers.*": children, not deeper
             if not hits:
-                import difflib
-
                 near = difflib.get_close_matches(p, [n for n in named if n], n=3)
                 raise ConfigError(f"blocks: {p!r} names no submodule"
                                   + (f"; did you mean {', '.join(near)}?" if near else ""))

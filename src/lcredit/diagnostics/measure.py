@@ -10,7 +10,7 @@ import torch
 
 from lcredit.diagnostics import metrics as M
 from lcredit.models.base import exact_credit, hidden_states
-from lcredit.rules.base import local_update_gradients
+from lcredit.rules.update import local_update_gradients
 
 # docs/metrics.md: rho on 1024 samples x 32 directions (pooled over as many evaluation batches as it
 # takes), null_gamma from 20 fresh feedback draws.
@@ -207,21 +207,40 @@ def hidden_states_nograd(net, x):
 
 def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, gen, o,
              stab_source=None, stab_net=None, rho_batches=None):
-    depth = len(net.blocks)
-    n_layers = depth + 1
+    acc = _per_sample(net, source, batches, nulls, loss_fn, costate, gen, o)
+    rho, rho_used = None, 0
+    if source is not None:
+        rho, rho_used = pooled_rho(net, source, rho_batches or batches, loss_fn, gen,
+                                   int(o["rho_samples"]), int(o["rho_directions"]),
+                                   float(o["rho_eps"]))
+    layers = [_layer_row(l, acc, rho, source is not None) for l in range(len(net.blocks) + 1)]
+    out = _summary(net, layers, acc, batches, nulls, rho_used, o, source is not None)
+    if source is not None:
+        sb = stability_batches if stability_batches is not None else batches
+        out["stability"] = stability(stab_source, stab_net, sb, loss_fn)
+        if math.isnan(out["stability"]["value"]):
+            out["notes"].append("direction stability: the rule made no block update")
+    else:
+        out["stability"] = {"value": math.nan, "per_block": [], "k": 0}
+    return out
+
+
+def _per_sample(net, source, batches, nulls, loss_fn, costate, gen, o) -> dict:
+    """Over the evaluation batches, per layer: the norms of h_l and of backprop's g_l, and
+    (with a credit source) the cosines of a_l with g_l, with the chance level's draws and the
+    task's exact costate, the flattened (a_l, g_l) pairs, and the nudge on the first batch."""
+    n_layers = len(net.blocks) + 1
     acc = {k: [[] for _ in range(n_layers)] for k in
-           ("norm", "gnorm", "cos", "null", "costate")}
-    flat = [[] for _ in range(n_layers)]
-    missing = [0] * n_layers
-    rho = nudge = None
-    nonfinite = [0] * n_layers  # samples whose h_l or g_l is not finite (a diverged model)
+           ("norm", "gnorm", "cos", "null", "costate", "flat")}
+    acc["missing"] = [0] * n_layers
+    acc["nonfinite"] = [0] * n_layers  # samples whose h_l or g_l is not finite (diverged)
+    acc["nudge"] = None
     for bi, (x, y) in enumerate(batches):
         states, grads = exact_credit(net, x, y, lambda o, t: loss_fn(o, t).mean())
         n = x.shape[0]
         for l in range(n_layers):
             bad = ~(torch.isfinite(states[l].flatten(1)).all(1) & torch.isfinite(grads[l].flatten(1)).all(1))
-            nonfinite[l] += int(bad.sum())
-        for l in range(n_layers):
+            acc["nonfinite"][l] += int(bad.sum())
             acc["norm"][l].append(M.row_norms(states[l]))
             acc["gnorm"][l].append(M.row_norms(grads[l]) / n)  # batch-mean CE, as in training
         if source is None:
@@ -229,12 +248,13 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
         credits = source.credit(x, y) if _is_rule(source) else source(net, x, y)
         if len(credits) != n_layers:
             raise ValueError(f"diagnose: credit gave {len(credits)} tensors for {n_layers} "
-                             f"hidden states h_0..h_{depth}")
+                             f"hidden states h_0..h_{n_layers - 1}")
         for l in range(n_layers):
             cos, miss = M.row_cosines(credits[l], grads[l])
             acc["cos"][l].append(cos)
-            missing[l] += miss
-            flat[l].append((credits[l].detach().double().flatten(), grads[l].double().flatten()))
+            acc["missing"][l] += miss
+            acc["flat"][l].append((credits[l].detach().double().flatten(),
+                                   grads[l].double().flatten()))
         if bi == 0:  # the chance level needs no more than one batch per draw
             null_sets = (nulls.credit_sets(x, y) if nulls is not None else
                          [dfa_null(net, x, y, states, loss_fn, gen)
@@ -247,45 +267,46 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
             for l in range(n_layers):
                 acc["costate"][l].append(M.row_cosines(credits[l], exact[l])[0])
         if bi == 0:
-            nudge = [M.nudge(net, l, states[l], credits[l], y, step=o["nudge_step"],
-                             loss_fn=loss_fn) for l in range(n_layers)]
-    rho_used = 0
-    if source is not None:
-        rho, rho_used = pooled_rho(net, source, rho_batches or batches, loss_fn, gen,
-                                   int(o["rho_samples"]), int(o["rho_directions"]),
-                                   float(o["rho_eps"]))
+            acc["nudge"] = [M.nudge(net, l, states[l], credits[l], y, step=o["nudge_step"],
+                                    loss_fn=loss_fn) for l in range(n_layers)]
+    return acc
 
-    layers = []
-    for l in range(n_layers):
-        row = {"layer": l,
-               "hidden_norm": float(torch.cat(acc["norm"][l]).mean()),
-               "bp_grad_norm": float(torch.cat(acc["gnorm"][l]).mean())}
-        if source is not None:
-            cos = torch.cat(acc["cos"][l])
-            row["gamma"] = _nanmean(cos)
-            row["gamma_missing"] = missing[l]
-            a = torch.cat([f[0] for f in flat[l]])
-            g = torch.cat([f[1] for f in flat[l]])
-            row["gamma_flat"] = M.flat_cosine(a, g)
-            row["rho"], row["rho_se"] = rho[l]
-            row["nudge"] = nudge[l]
-            nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
-            per_draw = [v for v in (_nanmean(d) for d in nulls_l) if math.isfinite(v)]
-            row["null_gamma"] = statistics.fmean(per_draw) if per_draw else math.nan
-            row["null_gamma_std"] = statistics.stdev(per_draw) if len(per_draw) > 1 else math.nan
-            if acc["costate"][l]:
-                row["costate_cosine"] = _nanmean(torch.cat(acc["costate"][l]))
-        layers.append(row)
 
+def _layer_row(l: int, acc: dict, rho, with_credit: bool) -> dict:
+    """docs/metrics.md's per-layer row from the accumulated samples."""
+    row = {"layer": l,
+           "hidden_norm": float(torch.cat(acc["norm"][l]).mean()),
+           "bp_grad_norm": float(torch.cat(acc["gnorm"][l]).mean())}
+    if not with_credit:
+        return row
+    row["gamma"] = _nanmean(torch.cat(acc["cos"][l]))
+    row["gamma_missing"] = acc["missing"][l]
+    a = torch.cat([f[0] for f in acc["flat"][l]])
+    g = torch.cat([f[1] for f in acc["flat"][l]])
+    row["gamma_flat"] = M.flat_cosine(a, g)
+    row["rho"], row["rho_se"] = rho[l]
+    row["nudge"] = acc["nudge"][l]
+    nulls_l = torch.cat(acc["null"][l], dim=1)  # draws x samples
+    per_draw = [v for v in (_nanmean(d) for d in nulls_l) if math.isfinite(v)]
+    row["null_gamma"] = statistics.fmean(per_draw) if per_draw else math.nan
+    row["null_gamma_std"] = statistics.stdev(per_draw) if len(per_draw) > 1 else math.nan
+    if acc["costate"][l]:
+        row["costate_cosine"] = _nanmean(torch.cat(acc["costate"][l]))
+    return row
+
+
+def _summary(net, layers, acc, batches, nulls, rho_used, o, with_credit: bool) -> dict:
+    """The measurement's whole-network values (growth, aggregates) and its notes."""
+    depth = len(net.blocks)
     out = {"layers": layers, "depth": depth, "n_samples": sum(len(y) for _, y in batches),
            "notes": []}
-    for l, bad in enumerate(nonfinite):
+    for l, bad in enumerate(acc["nonfinite"]):
         if bad:
             layers[l]["missing"] = (f"h_{l} or its gradient is not finite in {bad} of "
                                     f"{out['n_samples']} samples")
             out["notes"].append(f"layer {l}: {layers[l]['missing']}; its metrics are missing "
                                 f"(a diverged model has no credit to measure)")
-    if source is not None:
+    if with_credit:
         out["rho_samples"], out["rho_directions"] = rho_used, int(o["rho_directions"])
         out["null_draws"] = len(nulls) if nulls is not None else int(o["null_draws"])
         if rho_used < int(o["rho_samples"]):
@@ -297,23 +318,15 @@ def _measure(net, source, batches, nulls, loss_fn, costate, stability_batches, g
     out["residual_growth"] = max(ratios) if ratios else math.nan
     out["residual_growth_per_block"] = ratios
     out["bp_grad_norm_top"] = layers[-1]["bp_grad_norm"]
-    if source is not None:
-        out["aggregates"] = aggregates(layers)
-        for r in layers:
-            if r["gamma_missing"]:
-                out["notes"].append(
-                    f"gamma_l{r['layer']}: {r['gamma_missing']} of {out['n_samples']} samples "
-                    f"missing (credit or gradient norm zero, underflowed or not finite)")
-            if math.isnan(r["gamma"]):
-                out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms finite and "
-                                    f"above {M.TINY:g}")
-        sb = stability_batches if stability_batches is not None else batches
-        out["stability"] = stability(stab_source, stab_net, sb, loss_fn)
-        if math.isnan(out["stability"]["value"]):
-            out["notes"].append("direction stability: the rule made no block update")
-    else:
-        out["aggregates"] = {}
-        out["stability"] = {"value": math.nan, "per_block": [], "k": 0}
+    out["aggregates"] = aggregates(layers) if with_credit else {}
+    for r in layers if with_credit else []:
+        if r["gamma_missing"]:
+            out["notes"].append(
+                f"gamma_l{r['layer']}: {r['gamma_missing']} of {out['n_samples']} samples "
+                f"missing (credit or gradient norm zero, underflowed or not finite)")
+        if math.isnan(r["gamma"]):
+            out["notes"].append(f"gamma_l{r['layer']} is missing: no sample had both norms "
+                                f"finite and above {M.TINY:g}")
     return out
 
 

@@ -1,13 +1,18 @@
 """The four-diagnostic protocol (docs/diagnostics.md) and its report."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Callable, Literal, TypedDict
 
-from lcredit.options import Count, Fraction, Index, NonNegative, Positive, Range, Seed, check_options
+from rich.console import Console
+from rich.table import Table
+
+from lcredit.options import (Count, Fraction, Index, NonNegative, Positive, Range, Seed,
+                             check_options)
 
 
 @dataclass(frozen=True)
@@ -159,18 +164,11 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def to_text(self) -> str:
-        import io
-
-        from rich.console import Console
-
         console = Console(file=io.StringIO(), record=True, width=120, force_terminal=False)
         self.print(console)
         return console.export_text()
 
     def print(self, console=None) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
         console = console or Console()
         if "gamma_hidden" in self.aggregates:
             console.print(f"[bold]gamma_hidden = {_fmt(self.aggregates['gamma_hidden'])}[/bold] "

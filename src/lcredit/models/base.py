@@ -3,6 +3,7 @@ import contextlib
 import torch
 from torch import nn
 
+from lcredit.errors import ConfigError
 from lcredit.options import CheckedInit
 
 
@@ -46,6 +47,19 @@ def hidden_states(model, x: torch.Tensor) -> list[torch.Tensor]:
     return run_blocks(model, model.embed(x))
 
 
+@torch.no_grad()
+def state_shapes(model, input_shape) -> list[torch.Size]:
+    """Shapes of h_0..h_L (without the batch) from one forward on a dummy batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype)
+        return [h.shape[1:] for h in hidden_states(model, x)]
+    finally:
+        model.train(was_training)
+
+
 def exact_credit(model, x, y, loss_fn) -> tuple[list, list]:
     """States h_l and backprop's per-sample credit B * dLoss/dh_l, where ``loss_fn(logits, y)``
     is the batch-mean task loss (the reference every rule is measured against)."""
@@ -81,8 +95,6 @@ RECOMPILE_LIMIT = 256
 def compile_mode(value, device: torch.device, model: nn.Module | None = None) -> str | None:
     """The torch.compile mode ``trainer.compile`` asks for on ``device`` (None: eager). true is
     reduce-overhead (CUDA graphs) on CUDA for a model without buffers, else inductor's default."""
-    from lcredit.errors import ConfigError
-
     if value in (None, False):
         return None
     has_buffers = model is not None and any(True for _ in model.buffers())

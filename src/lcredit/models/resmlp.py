@@ -48,7 +48,7 @@ class ResMLP(BlockModel):
         self,
         input_shape,
         num_classes: int,
-        d: Count = 256,
+        d: Count = 128,
         depth: Count = 4,
         mlp_ratio: Positive = 4.0,
         act: Activation = "gelu",

@@ -1,5 +1,7 @@
-"""Learning rules: one module per rule; the shared block-local update is in ``base``."""
-from lcredit.rules.base import Pass, Rule, exact_gradients
+"""Learning rules: one module per rule; the credit contract is ``base``, the shared block-local
+update ``update``."""
+from lcredit.rules.base import Pass, Rule
+from lcredit.rules.update import exact_gradients
 from lcredit.rules.blend import Blend
 from lcredit.rules.bp import BP
 from lcredit.rules.brsf import BRSF

@@ -26,6 +26,7 @@ Schedule: ``alpha`` constant, or decaying linearly to ``alpha_end`` over the run
 (``alpha_decay: linear``); ``freeze_after`` (epochs) stops training the aux, after which alpha
 moves linearly to ``decay_to`` over ``decay_epochs`` (0: at once).
 """
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -33,9 +34,10 @@ from torch import nn
 
 from lcredit.errors import ConfigError
 from lcredit.options import Fraction, Index
-from lcredit.rules.base import Pass, at_least_fp32
-from lcredit.rules.estimator import credit_rms, per_sample_sq
-from lcredit.rules.vec import VEC
+from lcredit.rules.base import Pass
+from lcredit.rules.update import at_least_fp32
+from lcredit.rules.estimator import CreditNorm, credit_rms, per_sample_sq
+from lcredit.rules.vec import VEC, VECOptions
 
 Source = Literal["vec", "random_trainable", "shuffled_trainable", "fresh_random_target",
                  "zero_target", "time_only", "constant_input", "perlayer_vector",
@@ -53,42 +55,43 @@ class PerLayerVector(nn.Module):
         return self.vectors[t].to(h.dtype).expand_as(h)
 
 
+@dataclass(kw_only=True)
+class BlendOptions(VECOptions):
+    """blend's options (conf/method/blend.yaml says what each does)."""
+
+    credit_norm: CreditNorm = "sample"
+    # A blend is DFA mixed with its aux source from the start (or from the branch it starts
+    # from): no warm-up unless asked for.
+    warmup_ratio: Fraction = 0.0
+    source: Source = "vec"
+    alpha: Fraction = 0.5
+    alpha_decay: Literal["constant", "linear"] = "constant"
+    alpha_end: Fraction = 0.0
+    freeze_after: Index | None = None
+    decay_to: Fraction | None = None
+    decay_epochs: Index = 0
+    mix: Literal["plain", "one_scale"] = "plain"
+    zero_target_renorm: bool = False
+
+
 class Blend(VEC):
     name = "blend"
     ORIGINAL = VEC.ORIGINAL | {"mix": "plain", "zero_target_renorm": False,
                                "credit_norm": "sample"}
-    # A blend is DFA mixed with its aux source from the start (or from the branch it starts
-    # from): no warm-up unless asked for.
-    default_warmup = 0.0
+
+    Options = BlendOptions
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, M=4, eps=1e-3, eps_scale="absolute", one_sided=False,
-                 terminal_weight=1.0, shuffle_targets=False, loss_scale="absolute",
-                 field="concat", field_ln=True, layer_code="embed", source: Source = "vec",
-                 alpha: Fraction = 0.5, alpha_decay: Literal["constant", "linear"] = "constant",
-                 alpha_end: Fraction = 0.0, freeze_after: Index | None = None,
-                 decay_to: Fraction | None = None, decay_epochs: Index = 0,
-                 mix: Literal["plain", "one_scale"] = "plain", zero_target_renorm: bool = False):
-        self.source = source
-        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
-                         s_type=s_type, width=width, aux_lr=aux_lr, credit_norm=credit_norm,
-                         warmup_ratio=warmup_ratio, prefit_epochs=prefit_epochs,
-                         periodic_refit=periodic_refit, topdown=topdown, hL_dim=hL_dim,
-                         norm_fallback=norm_fallback, M=M, eps=eps, eps_scale=eps_scale,
-                         one_sided=one_sided, terminal_weight=terminal_weight,
-                         shuffle_targets=shuffle_targets, loss_scale=loss_scale, field=field,
-                         field_ln=field_ln, layer_code=layer_code)
-        self.mix, self.zero_target_renorm = mix, bool(zero_target_renorm)
+                 **options):
+        # make_field (called by VEC's constructor) reads the source
+        self.source = options.get("source", BlendOptions.source)
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, **options)
+        source, freeze_after, decay_to = self.source, self.freeze_after, self.decay_to
         if decay_to is not None and freeze_after is None:
             raise ConfigError("method.decay_to needs method.freeze_after (alpha decays after "
                               "the aux is frozen)")
-        if decay_epochs and decay_to is None:
+        if self.decay_epochs and decay_to is None:
             raise ConfigError("method.decay_epochs needs method.decay_to")
-        self.alpha, self.alpha_decay, self.alpha_end = float(alpha), alpha_decay, float(alpha_end)
-        self.freeze_after, self.decay_to = freeze_after, decay_to
-        self.decay_epochs = int(decay_epochs)
         if source in UNTRAINED:
             self.field.requires_grad_(False)
         # Only the vec field itself (and the norm it lends dfa_norm_matched) may come from the

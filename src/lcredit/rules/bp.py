@@ -3,6 +3,7 @@ import torch
 
 from lcredit.models.base import exact_credit, hidden_states
 from lcredit.rules.base import Rule
+from lcredit.rules.update import penalty
 
 
 class BP(Rule):
@@ -18,7 +19,7 @@ class BP(Rule):
         loss = self.task_loss(logits, y)
         total = loss
         if self.penalty_lam > 0:
-            total = loss + self.penalty(self.model.blocks, hs[:-1], hs[1:])
+            total = loss + penalty(self.penalty_lam, self.model.blocks, hs[:-1], hs[1:])
         # Plain backward, like every other rule: precision plugins that need Lightning's
         # manual_backward (fp16 loss scaling) are refused at config time.
         total.backward()

@@ -1,16 +1,36 @@
 """Credit bridge: a value network whose input-gradient is the credit (docs/rules.md)."""
 import copy
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
-from lcredit.rules.base import Pass, at_least_fp32, no_autocast
+from lcredit.rules.base import Pass
+from lcredit.rules.update import at_least_fp32, no_autocast
 from lcredit.options import Count, Fraction, NonNegative, Positive
-from lcredit.rules.estimator import (CreditNet, Estimator, Field, LayerCode, LossScale, Scale,
-                                     credit_rms, per_sample_sq, relative_sq, unit_directions)
+from lcredit.rules.estimator import (CreditNet, CreditNorm, Estimator, EstimatorOptions,
+                                     FieldOptions, LossScale, Scale, credit_rms, per_sample_sq,
+                                     relative_sq, unit_directions)
+
+
+@dataclass(kw_only=True)
+class CBOptions(FieldOptions, EstimatorOptions):
+    """cb's options (conf/method/cb.yaml says what each does)."""
+
+    credit_norm: CreditNorm = "batch"
+    warmup_ratio: Fraction = 0.2
+    tgw: NonNegative = 1.0            # terminal gradient matching weight
+    K: Count = 4                      # bridge consistency: noise samples
+    sigma: NonNegative = 0.05         # bridge consistency: noise std
+    sigma_scale: Scale = "absolute"
+    bridge_noise: Literal["input", "target"] = "target"
+    bridge_slope: NonNegative = 0.0
+    terminal_scale: LossScale = "absolute"
+    target_ema: Fraction | None = 0.995   # the target network's momentum (None: V itself)
+    bridge_temp: Positive | None = 0.1    # the soft-min's temperature (None: the mean)
 
 
 class CB(Estimator):
@@ -24,34 +44,21 @@ class CB(Estimator):
     ``field: gated``; ``method=cb_relative`` sets them all."""
 
     name = "cb"
-    default_warmup = 0.2
     ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "bridge_noise": "target",
                                      "bridge_slope": 0.0,
                                      "sigma_scale": "absolute", "terminal_scale": "absolute",
                                      "field": "concat", "field_ln": True, "layer_code": "embed",
                                      "target_ema": 0.995, "bridge_temp": 0.1}
 
+    Options = CBOptions
+
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="batch",
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, tgw: NonNegative = 1.0, K: Count = 4,
-                 sigma: NonNegative = 0.05, sigma_scale: Scale = "absolute",
-                 bridge_noise: Literal["input", "target"] = "target",
-                 bridge_slope: NonNegative = 0.0, terminal_scale: LossScale = "absolute",
-                 field: Field = "concat", field_ln: bool = True, layer_code: LayerCode = "embed",
-                 target_ema: Fraction | None = 0.995, bridge_temp: Positive | None = 0.1):
-        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
-                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        if target_ema == 1.0:
+                 **options):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, **options)
+        if self.target_ema == 1.0:
             raise ConfigError("method.target_ema=1.0 never moves the target network: give a "
                               "momentum in [0, 1), e.g. 0.995, or null (no target network)")
-        self.field_ln, self.layer_code = bool(field_ln), layer_code
-        self.target_ema = None if target_ema is None else float(target_ema)
-        self.bridge_temp = None if bridge_temp is None else float(bridge_temp)
-        self.sigma_scale, self.bridge_noise = sigma_scale, bridge_noise
-        self.bridge_slope, self.terminal_scale = float(bridge_slope), terminal_scale
-        self.tgw, self.K, self.sigma, self.field_form = float(tgw), int(K), float(sigma), field
+        field, field_ln, layer_code = self.field_form, self.field_ln, self.layer_code
         self.value = CreditNet(self.dims, self.cond_dim(), self.width, out="scalar", form=field,
                                ln=field_ln, layer_code=layer_code)
         # target_ema: the bridge's targets come from a slowly following copy of V (a target

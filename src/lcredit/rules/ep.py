@@ -67,7 +67,8 @@ from typing import Literal, get_args
 from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
 from lcredit.options import Count, NonNegative, Positive
-from lcredit.rules.base import Pass, Rule, at_least_fp32, no_autocast
+from lcredit.rules.base import Pass, Rule
+from lcredit.rules.update import at_least_fp32, no_autocast
 
 Relaxation = Literal["sweep", "gd"]
 RELAXATIONS = get_args(Relaxation)

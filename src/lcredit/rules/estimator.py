@@ -14,6 +14,7 @@ Phases, by epoch (``phase``):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Literal, TypedDict, get_args
 
 import torch
@@ -22,8 +23,9 @@ from torch import nn
 
 from lcredit.errors import ConfigError
 from lcredit.models.base import preserved_buffers
-from lcredit.options import Count, Fraction, Index, Positive
-from lcredit.rules.base import Pass, at_least_fp32, trainable
+from lcredit.options import Count, Fraction, Index, NonNegative, Positive, _plain, check_options
+from lcredit.rules.base import Pass
+from lcredit.rules.update import at_least_fp32, trainable
 from lcredit.rules.dfa import DFA
 
 SType = Literal["none", "eT", "deltaL", "eT_hL", "deltaL_hL"]
@@ -178,6 +180,50 @@ class CreditNet(nn.Module):
         return self.heads[0 if len(self.heads) == 1 else t](mixed).view_as(h)
 
 
+@dataclass(kw_only=True)
+class EstimatorOptions:
+    """The options every estimator rule has (docs/rules.md); a rule's own options extend them
+    (``SBOptions``, ``CBOptions``, ...), and its yaml gives the same defaults. A rule is built
+    from keyword options (``method.<option>=...`` on the command line): ``parse`` checks each
+    against its declaration here (docs/options.md) and converts it."""
+
+    feedback_std: Positive | None = None   # the DFA fallback's feedback (None: 1/sqrt(dim h_l))
+    s_type: SType = "eT"                   # the conditioning code
+    width: Count = 256                     # the estimator network's hidden width
+    aux_lr: Positive = 1e-3                # the estimator's learning rate (its own group)
+    credit_norm: CreditNorm = "sample"     # a / (RMS(a) + 1e-6): per sample, per batch, none
+    # Fraction of epochs the blocks follow DFA while the estimator trains
+    warmup_ratio: Fraction = 0.0
+    prefit_epochs: Index = 0               # estimator-only epochs on the frozen network first
+    periodic_refit: Refit | None = None    # {every, epochs}: estimator-only refit epochs
+    topdown: Index | None = None           # the estimator's credit for the last k blocks only
+    # The _hL codes see h_L through a learned projection to hL_dim numbers (the original
+    # study's 32), trained with the estimator; None concatenates h_L itself.
+    hL_dim: Count | None = 32
+    # credit_norm also for the DFA credit the rule falls back to (the warm-up, topdown's lower
+    # blocks): every block update then has the same scale, before and after the estimator.
+    norm_fallback: bool = False
+
+    @classmethod
+    def parse(cls, options: dict):
+        check_options(cls, options, "method")
+        opts = cls(**{k: _plain(v) for k, v in options.items()})
+        for f in fields(opts):  # a whole number given where a real one is declared: a float
+            if isinstance(f.default, float) and isinstance(getattr(opts, f.name), int) \
+                    and not isinstance(getattr(opts, f.name), bool):
+                setattr(opts, f.name, float(getattr(opts, f.name)))
+        return opts
+
+
+@dataclass(kw_only=True)
+class FieldOptions:
+    """The network of cb's value and vec's field (``CreditNet``)."""
+
+    field: Field = "concat"       # concat (the original's MLP) | gated (lcredit's)
+    field_ln: bool = True         # concat: LayerNorm h first
+    layer_code: LayerCode = "embed"  # how the layer index enters the concat field
+
+
 class Estimator(DFA):
     """DFA + a trained estimator of credit; subclasses say what it is and how it is trained.
 
@@ -185,39 +231,38 @@ class Estimator(DFA):
     and ``estimator_loss(p)`` (a scalar, or None when there is nothing to train).
     """
 
-    # Fraction of epochs the blocks follow DFA while the estimator trains (cb: 0.2).
-    default_warmup = 0.0
     # Redrawing the fallback feedback does not give this rule's chance level (null_gamma).
     credit_is_feedback = False
     exact_top = False  # a_L is the exact output-local gradient (sb: no predictor at L)
 
     ORIGINAL = {"credit_norm": "sample", "hL_dim": 32}
 
-    def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type: SType = "eT", width: Count = 256,
-                 aux_lr: Positive = 1e-3, credit_norm: CreditNorm = "sample",
-                 warmup_ratio: Fraction | None = None, prefit_epochs: Index = 0,
-                 periodic_refit: Refit | None = None, topdown: Index | None = None,
-                 hL_dim: Count | None = 32, norm_fallback: bool = False):
-        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std)
-        # credit_norm also for the DFA credit the rule falls back to (the warm-up, topdown's
-        # lower blocks): every block update then has the same scale, before and after the
-        # estimator takes over.
-        self.norm_fallback = bool(norm_fallback)
-        warmup_ratio = self.default_warmup if warmup_ratio is None else warmup_ratio
+    Options = EstimatorOptions
+
+    def __init__(self, model, input_shape, num_classes, optimizer=None,
+                 penalty_lam: NonNegative = 0.0, **options):
+        opts = self.Options.parse(options)
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam,
+                         opts.feedback_std)
+        self.options = opts
+        # every option is an attribute of the rule, by its name, but these: credit_norm by its
+        # form, the field's form as ``field_form`` (``field`` is cb's value / vec's network),
+        # the refit schedule as two numbers
+        for f in fields(opts):
+            if f.name not in ("credit_norm", "field", "periodic_refit"):
+                setattr(self, f.name, getattr(opts, f.name))
+        self.credit_norm = CREDIT_NORMS[opts.credit_norm]
+        self.field_form = getattr(opts, "field", None)
+        self.refit_every, self.refit_epochs = self._parse_refit(opts.periodic_refit)
         depth = len(self.state_shapes) - 1
-        if topdown is not None and topdown > depth:
-            raise ConfigError(f"method.topdown={topdown} must be <= {depth} (the model's depth)")
-        self.refit_every, self.refit_epochs = self._parse_refit(periodic_refit)
-        self.s_type, self.width, self.aux_lr = s_type, int(width), float(aux_lr)
-        self.credit_norm, self.warmup_ratio = CREDIT_NORMS[credit_norm], float(warmup_ratio)
-        self.prefit_epochs, self.topdown = int(prefit_epochs), topdown
+        if self.topdown is not None and self.topdown > depth:
+            raise ConfigError(f"method.topdown={self.topdown} must be <= {depth} (the model's "
+                              f"depth)")
         self.dims = [self.state_dim(l) for l in range(depth + 1)]
         # The _hL codes see h_L through a learned projection to hL_dim numbers (the original
         # study's 32), trained with the estimator; null concatenates h_L itself.
-        self.hL_dim = None if hL_dim is None else int(hL_dim)
         self.hL_proj = (nn.Linear(self.dims[-1], self.hL_dim)
-                        if s_type.endswith("_hL") and self.hL_dim else None)
+                        if self.s_type.endswith("_hL") and self.hL_dim else None)
         # Resumable randomness (directions, bridge noise): drawn from (seed, aux step), and the
         # step counter is part of the state.
         self.register_buffer("aux_steps", torch.zeros((), dtype=torch.long))

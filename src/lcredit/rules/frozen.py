@@ -3,7 +3,8 @@
 It is the comparator of diagnostic (d): a rule whose accuracy does not beat this has not
 shown that its blocks learned anything.
 """
-from lcredit.rules.base import Rule, trainable
+from lcredit.rules.base import Rule
+from lcredit.rules.update import trainable
 
 
 class Frozen(Rule):

@@ -1,11 +1,14 @@
 """State bridge: per-layer predictors of the final hidden state; credit through them (docs/rules.md)."""
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from lcredit.rules.base import Pass, at_least_fp32
-from lcredit.rules.estimator import Estimator, per_sample_sq
+from lcredit.rules.base import Pass
+
+from lcredit.rules.update import at_least_fp32
+from lcredit.rules.estimator import Estimator, EstimatorOptions, per_sample_sq
 
 
 PredictorKind = Literal["mlp", "skip"]
@@ -39,19 +42,24 @@ class Predictor(nn.Module):
         return out if self.skip is None else self.skip(flat) + out
 
 
+@dataclass(kw_only=True)
+class SBOptions(EstimatorOptions):
+    # mlp: a plain MLP per layer from [h_l, s] to h_L (the original) | skip: identity skip +
+    # zero-init MLP (lcredit's; credit = g_L's at init)
+    predictor: PredictorKind = "mlp"
+
+
 class SB(Estimator):
     name = "sb"
     exact_top = True   # a_L = g_L: there is nothing to bridge at the top
     ORIGINAL = Estimator.ORIGINAL | {"predictor": "mlp"}
 
+    Options = SBOptions
+
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="sample",
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, predictor: PredictorKind = "mlp"):
-        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
-                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        self.predictor = predictor
+                 **options):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, **options)
+        predictor = self.predictor
         top = self.state_shapes[-1]
         self.predictors = nn.ModuleList(
             Predictor(self.dims[l], self.dims[-1], self.cond_dim(), self.width,

@@ -1,12 +1,16 @@
 """Direct vector credit field: a network that outputs the credit itself, trained on
 finite-difference directional derivatives of the forward loss (docs/rules.md)."""
+from dataclasses import dataclass
+
 import torch
 
 from lcredit.models.base import preserved_buffers, run_blocks
-from lcredit.rules.base import Pass, at_least_fp32, no_autocast
-from lcredit.options import Count, NonNegative, Positive
-from lcredit.rules.estimator import (CreditNet, Estimator, Field, LayerCode, LossScale, Scale,
-                                     relative_sq, unit_directions)
+from lcredit.rules.base import Pass
+from lcredit.rules.update import at_least_fp32, no_autocast
+from lcredit.options import Count, Fraction, NonNegative, Positive
+from lcredit.rules.estimator import (CreditNet, CreditNorm, Estimator, EstimatorOptions,
+                                     FieldOptions, LossScale, Scale, relative_sq,
+                                     unit_directions)
 
 
 def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> torch.Tensor:
@@ -29,6 +33,23 @@ def directional_targets(model, l, h, y, u, eps, loss_fn, one_sided=False) -> tor
     return (plus - rest) / (eps if one_sided else 2 * eps)
 
 
+@dataclass(kw_only=True)
+class VECOptions(FieldOptions, EstimatorOptions):
+    """vec's options (conf/method/vec.yaml says what each does)."""
+
+    credit_norm: CreditNorm = "batch"
+    # The original's online vec followed DFA for the first 20 % of the epochs (trained from
+    # epoch 0 it stayed near chance; here it diverges): docs/reproduction.md.
+    warmup_ratio: Fraction = 0.2
+    M: Count = 4                      # directions per sample
+    eps: Positive = 1e-3              # the finite-difference step
+    eps_scale: Scale = "absolute"
+    one_sided: bool = False
+    terminal_weight: NonNegative = 1.0
+    shuffle_targets: bool = False
+    loss_scale: LossScale = "absolute"
+
+
 class VEC(Estimator):
     """Defaults are the original study's form as reconstructed (docs/reproduction.md): an
     absolute finite-difference step, the unscaled loss sum_u (<A, u> - delta_u)^2 (+ the
@@ -41,25 +62,12 @@ class VEC(Estimator):
     ORIGINAL = Estimator.ORIGINAL | {"credit_norm": "batch", "eps_scale": "absolute",
                                      "loss_scale": "absolute",
                                      "field": "concat", "field_ln": True, "layer_code": "embed"}
-    # The original's online vec followed DFA for the first 20 % of the epochs (trained from
-    # epoch 0 it stayed near chance; here it diverges): docs/reproduction.md.
-    default_warmup = 0.2
+
+    Options = VECOptions
 
     def __init__(self, model, input_shape, num_classes, optimizer=None, penalty_lam=0.0,
-                 feedback_std=None, s_type="eT", width=256, aux_lr=1e-3, credit_norm="batch",
-                 warmup_ratio=None, prefit_epochs=0, periodic_refit=None, topdown=None,
-                 hL_dim=32, norm_fallback=False, M: Count = 4, eps: Positive = 1e-3,
-                 eps_scale: Scale = "absolute", one_sided: bool = False,
-                 terminal_weight: NonNegative = 1.0, shuffle_targets: bool = False,
-                 loss_scale: LossScale = "absolute", field: Field = "concat",
-                 field_ln: bool = True, layer_code: LayerCode = "embed"):
-        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, feedback_std,
-                         s_type, width, aux_lr, credit_norm, warmup_ratio, prefit_epochs,
-                         periodic_refit, topdown, hL_dim, norm_fallback=norm_fallback)
-        self.field_ln, self.layer_code = bool(field_ln), layer_code
-        self.M, self.eps, self.one_sided = int(M), float(eps), bool(one_sided)
-        self.eps_scale, self.loss_scale, self.field_form = eps_scale, loss_scale, field
-        self.terminal_weight, self.shuffle_targets = float(terminal_weight), bool(shuffle_targets)
+                 **options):
+        super().__init__(model, input_shape, num_classes, optimizer, penalty_lam, **options)
         self.field = self.make_field()
 
     def make_field(self, inputs="full"):
