@@ -119,12 +119,7 @@ def done(rows):
 
 
 def sci(vals):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    if len(vals) == 1:
-        return f"{vals[0]:.2e}"
-    return f"{statistics.mean(vals):.2e} ± {statistics.stdev(vals):.1e}"
+    return mean_std(vals, ".2e", ".1e")
 
 
 def fired(rows) -> str:

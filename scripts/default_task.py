@@ -60,13 +60,15 @@ def measure(seeds, runs: Path, extra=(), rules=RULES) -> dict:
     return out
 
 
-def mean_std(vals):
+def mean_std(vals, fmt: str = ".3f", spread: str | None = None):
+    """mean ± std (ddof = 1) of the values given, in ``fmt`` (the std in ``spread``, default
+    ``fmt``); "—" for none."""
     vals = [v for v in vals if v is not None]
     if not vals:
         return "—"
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        return f"{vals[0]:{fmt}}"
+    return f"{statistics.mean(vals):{fmt}} ± {statistics.stdev(vals):{spread or fmt}}"
 
 
 def render(full: dict) -> str:

@@ -2,10 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from lcredit.cli import register_resolvers
+from lcredit.models import ResMLP
 from lcredit.rules import Rule
 
 register_resolvers()  # as every entry point does before Hydra reads a config
@@ -22,6 +24,22 @@ TINY_MEASURE = ["protocol.measure.rho_samples=32", "protocol.measure.rho_directi
                 "protocol.measure.null_draws=2", "protocol.stability_batches=2",
                 "protocol.eval_batches=1", "protocol.batch_size=32"]
 TINY_LADDER = ["data.n_train=1024", "data.n_test=512", "model.d=32", "model.depth=2"]
+
+
+# The small float64 network and batch the rule-level tests (estimators, sign symmetry, KP, DRTP)
+# build their identities on.
+SMALL_SHAPE, SMALL_C = (12,), 5
+
+
+def small_resmlp(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ResMLP(SMALL_SHAPE, SMALL_C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
+
+
+def small_batch(n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *SMALL_SHAPE, generator=g, dtype=torch.float64),
+            torch.randint(SMALL_C, (n,), generator=g))
 
 
 def pytest_configure(config):

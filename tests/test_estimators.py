@@ -5,8 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY_LADDER, GivenCredit, assert_resume_exact
-from lcredit.models import ResMLP
+from conftest import SMALL_C, SMALL_SHAPE, small_batch, small_resmlp, TINY_LADDER, GivenCredit, assert_resume_exact
 from lcredit.rules import CB, DFA, SB, VEC, Blend
 from lcredit.rules.blend import SOURCES
 from lcredit.rules.estimator import unit_directions
@@ -16,17 +15,12 @@ from lcredit.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPE, C = (12,), 5
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return ResMLP(SHAPE, C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
+SHAPE, C = SMALL_SHAPE, SMALL_C
+make_model = small_resmlp
 
 
 def batch(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SHAPE, generator=g, dtype=torch.float64), torch.randint(C, (n,), generator=g)
+    return small_batch(n, seed)
 
 
 def block_grads(rule, x, y):

@@ -11,24 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_LADDER, TINY_MEASURE, assert_resume_exact
+from conftest import SMALL_C, SMALL_SHAPE, small_batch, small_resmlp, TINY_LADDER, TINY_MEASURE, assert_resume_exact
 from lcredit.diagnostics.measure import fresh_feedback_copies
-from lcredit.models import ResMLP
 from lcredit.rules import BRSF, DRTP, FRSF, KP, USF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPE, C = (12,), 5
-
-
-def make_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    return ResMLP(SHAPE, C, **(dict(d=16, depth=3, mlp_ratio=2.0) | kw)).double()
-
-
-def batch(n=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SHAPE, generator=g, dtype=torch.float64), torch.randint(C, (n,), generator=g)
+SHAPE, C = SMALL_SHAPE, SMALL_C
+make_model = small_resmlp
+batch = small_batch
 
 
 def sites(rule):
